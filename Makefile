@@ -1,0 +1,32 @@
+# The two commands a newcomer needs are `make demo` and `make test`; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= train,serve,cpu,dev
+
+.PHONY: demo test test-slow lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@$(BIN)/python -c "import torch; assert '+cu' not in torch.__version__ or '$(EXTRAS)' == 'train,serve,gpu,dev', torch.__version__" 
+	touch $@
+
+demo: $(BIN)/.installed  ## the main job end to end on synthetic frames
+	$(BIN)/edgecase demo
+
+test: $(BIN)/.installed  ## lint + the default (fast) test suite
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+test-slow: $(BIN)/.installed  ## the slow end-to-end tests
+	$(BIN)/python -m pytest -m slow
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) runs/ .pytest_cache

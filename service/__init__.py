@@ -1,0 +1,1 @@
+"""The online half (FastAPI + onnxruntime, no torch): scores frames with exported graphs."""

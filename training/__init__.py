@@ -1,0 +1,1 @@
+"""The offline half (PyTorch): synthetic frames, networks, training, scoring, calibration, export."""
