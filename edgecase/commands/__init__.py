@@ -3,7 +3,9 @@
 import argparse
 
 
-def add_command(sub: argparse._SubParsersAction, name: str, help: str, example: str) -> argparse.ArgumentParser:
+def add_command(
+    sub: argparse._SubParsersAction, name: str, help: str, example: str
+) -> argparse.ArgumentParser:
     """Add a subcommand whose --help ends with a worked example."""
     return sub.add_parser(
         name,

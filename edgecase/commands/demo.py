@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-normal", type=int, default=4000, help="normal training frames to synthesise")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
     parser.add_argument("--head", default="vae-elbo", help="score head to export and serve")
-    parser.add_argument("--per-family", type=int, default=6, help="test frames per family sent to the service")
+    parser.add_argument(
+        "--per-family", type=int, default=6, help="test frames per family sent to the service"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run)
 
@@ -80,7 +82,9 @@ def _sample_frames(data: Path, per_family: int) -> list[tuple[str, str, Path]]:
         for row in csv.DictReader(fh):
             if row["split"] == "test" and len(by_family[row["family"]]) < per_family:
                 by_family[row["family"]].append((row["key"], row["family"], data / row["path"]))
-    return [item for family in sorted(by_family, key=lambda f: (f != "normal", f)) for item in by_family[family]]
+    return [
+        item for family in sorted(by_family, key=lambda f: (f != "normal", f)) for item in by_family[family]
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
         listing = httpx.get(f"{base}/flagged", params={"limit": 5}, timeout=10).json()
         print(f"{listing['total']} flagged frames in {store} (GET {base}/flagged)")
         for item in listing["items"]:
-            print(f"  id={item['id']} score={item['score']:.4g} p={item['p_value']:.4f} key={item.get('key')}")
-        print(f"review one:  curl -X POST {base}/flagged/<id>/review -d '{{\"label\": \"normal\"}}'")
+            print(
+                f"  id={item['id']} score={item['score']:.4g} p={item['p_value']:.4f} key={item.get('key')}"
+            )
+        print(f'review one:  curl -X POST {base}/flagged/<id>/review -d \'{{"label": "normal"}}\'')
         print(f"export them: edgecase flagged export --store {store} --review unreviewed --out {work}/review")
     finally:
         server.terminate()
