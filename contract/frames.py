@@ -1,0 +1,146 @@
+"""What a frame is: one decode function, one resize rule, one PNG encoder.
+
+Training, batch scoring and the HTTP service all turn bytes into frames here, so a model sees the
+same pixels offline and online. A frame is a ``numpy.ndarray`` of dtype ``uint8`` and shape
+``(H, W, 3)`` in RGB order (see docs/architecture.md).
+
+Safety: the image header is checked against ``max_pixels`` before any pixel data is decoded
+(decompression bombs), and truncated files raise instead of being padded with grey (Pillow's
+``LOAD_TRUNCATED_IMAGES`` is deliberately left off).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+RESIZE_RULE = "center-crop-bilinear"
+"""Name of the one resize rule, as written in model manifests."""
+
+SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+"""File extensions the folder readers pick up (lower case; matched case-insensitively)."""
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# What Pillow raises on bad input (its fuzzers accept exactly these as "clean" failures).
+_PILLOW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,  # broken chunk structure, bad CRC
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # raised as an exception when warnings are errors
+)
+
+# 16-bit greyscale modes: scaled to 8 bits rather than clipped (Pillow's convert clips at 255).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class FrameDecodeError(ValueError):
+    """Bytes that are not a usable image; ``reason`` says why in words a user can act on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_frame(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.NDArray[np.uint8]:
+    """Decode PNG/JPEG/WebP (or anything Pillow opens) into an RGB uint8 ``(H, W, 3)`` array.
+
+    Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB; alpha is dropped, not
+    composited. Only the first frame of an animation is used and EXIF orientation is ignored.
+    Raises ``FrameDecodeError`` for empty, corrupt, truncated or oversized (> ``max_pixels``) input.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"decode_frame expects bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise FrameDecodeError("empty file (0 bytes)")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    try:
+        # Image.open reads only the header: the size check below happens before pixel decoding.
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise FrameDecodeError(f"image has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise FrameDecodeError(
+                    f"image too large: {width}x{height} = {width * height:,} pixels "
+                    f"exceeds the limit of {max_pixels:,} (possible decompression bomb)"
+                )
+            image.load()
+            return _to_rgb_array(image)
+    except FrameDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise FrameDecodeError(f"not a recognised image format ({len(data)} bytes)") from exc
+    except _PILLOW_DECODE_ERRORS as exc:
+        raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc
+
+
+def _to_rgb_array(image: Image.Image) -> npt.NDArray[np.uint8]:
+    """Convert a loaded Pillow image to a writable RGB uint8 array with at most one copy."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        grey = (wide >> 8).astype(np.uint8) if wide.max(initial=0) > 255 else wide.astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # np.array (not asarray) so the frame is writable: torch.from_numpy warns on read-only arrays.
+    return np.array(image, dtype=np.uint8)
+
+
+def _check_frame(frame: npt.NDArray[np.uint8]) -> None:
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"a frame is a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"a frame is uint8 (H, W, 3) RGB; got dtype {frame.dtype} shape {frame.shape}")
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f"frame has no pixels: shape {frame.shape}")
+
+
+def resize_frame(frame: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.uint8]:
+    """Apply the one resize rule ("center-crop-bilinear") to get a ``size x size`` frame.
+
+    A non-square frame is centre-cropped to its largest centred square (odd margins put the extra
+    pixel at the bottom/right), then resized with Pillow's BILINEAR filter, which antialiases when
+    shrinking. A frame already ``size x size`` is returned unchanged (same object).
+    """
+    _check_frame(frame)
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    height, width = frame.shape[:2]
+    if height == size and width == size:
+        return frame
+    side = min(height, width)
+    top = (height - side) // 2
+    left = (width - side) // 2
+    square = frame[top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    resized = Image.fromarray(np.ascontiguousarray(square)).resize(
+        (int(size), int(size)), Image.Resampling.BILINEAR
+    )
+    return np.array(resized, dtype=np.uint8)
+
+
+def encode_png(frame: npt.NDArray[np.uint8], compress_level: int = 1) -> bytes:
+    """Encode a frame as PNG; level 1 by default because writing must keep up with generation."""
+    _check_frame(frame)
+    if not 0 <= compress_level <= 9:
+        raise ValueError(f"compress_level must be 0..9, got {compress_level}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
