@@ -1,0 +1,361 @@
+"""The model repository, read by the service: find versions, verify them, and hold onnxruntime sessions.
+
+Layout (Triton-style, see models/README.md): `<repo>/<name>/<integer version>/{model.onnx,manifest.json}`.
+A version is loaded only after its manifest parses, the graph file matches the manifest's sha256 and
+size, and the graph's input and outputs match the manifest's input spec and outputs. Anything else is a
+`ModelLoadError` naming the file and the problem, raised at load time, never per request.
+
+Hot reload: `refresh()` loads versions newer than the one serving; a version that fails to load is
+refused and remembered (published versions are immutable, so it will not get better) while the old
+version keeps serving. Requests that hold a `LoadedModel` keep using it until they finish.
+
+Thread safety: `InferenceSession.run` is safe to call from many threads on one session (onnxruntime
+documents concurrent Run calls as supported), so one session per version serves every request.
+The registry's own maps are guarded by a lock. No torch and no training imports here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError, file_entry, load_manifest
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's type strings for what the manifest promises.
+_ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+
+
+class ModelLoadError(Exception):
+    """A model version that cannot serve: the message names the file and what is wrong with it."""
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, with CPU as the fallback onnxruntime always has."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """The providers to ask for: `requested` minus those this build lacks (logged), CPU always last."""
+    if not requested:
+        return default_providers()
+    available = set(ort.get_available_providers())
+    missing = [p for p in requested if p not in available]
+    if missing:
+        log.warning("execution providers %s are not in this onnxruntime build; skipping them", missing)
+    chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def make_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """Full graph optimisation (constant folding, Conv+BN/activation fusion); 0 threads = one per core."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    return options
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One verified version with its session; immutable, so it can be shared across requests."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    session: ort.InferenceSession = field(repr=False)
+    providers: list[str]
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold.value
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.manifest.input.frame_shape
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.manifest.output_names
+
+    def score(self, frames: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.float32]]:
+        """Score a uint8 NHWC batch in one session.run: {'score': [N], 'anomaly_map': [N, H, W]?}."""
+        if not isinstance(frames, np.ndarray):
+            raise TypeError(f"frames must be a numpy array, got {type(frames).__name__}")
+        if frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8, got {frames.dtype}")
+        if frames.ndim != 4 or frames.shape[1:] != self.frame_shape:
+            raise ValueError(
+                f"frames must be [N, {', '.join(map(str, self.frame_shape))}] (NHWC), "
+                f"got {list(frames.shape)}"
+            )
+        names = self.output_names
+        values = self.session.run(names, {self.manifest.input.name: np.ascontiguousarray(frames)})
+        return dict(zip(names, values, strict=True))
+
+    def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        return self.manifest.p_values(scores)
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Published versions of a model, ascending; dot-folders (exports in progress) and other names skipped."""
+    versions = []
+    for child in model_dir.iterdir() if model_dir.is_dir() else ():
+        if child.is_dir() and not child.name.startswith(".") and child.name.isdigit() and int(child.name) > 0:
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def load_version(
+    path: Path,
+    providers: Sequence[str] | None = None,
+    session_options: ort.SessionOptions | None = None,
+) -> LoadedModel:
+    """Verify one version folder and build its session; raises ModelLoadError on any mismatch."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    model_path = path / MODEL_FILE
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if path.name.isdigit() and (manifest.version != int(path.name) or manifest.name != path.parent.name):
+        raise ModelLoadError(
+            f"{manifest_path}: manifest says {manifest.name}/{manifest.version} but the folder is "
+            f"{path.parent.name}/{path.name}"
+        )
+    _verify_files(path, manifest)
+    chosen = resolve_providers(providers)
+    try:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options or make_session_options(), providers=chosen
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelLoadError(f"{model_path}: onnxruntime cannot load the graph: {exc}") from exc
+    _verify_signature(model_path, session, manifest)
+    return LoadedModel(
+        name=manifest.name,
+        version=manifest.version,
+        path=path,
+        manifest=manifest,
+        session=session,
+        providers=list(session.get_providers()),
+    )
+
+
+def _verify_files(path: Path, manifest: Manifest) -> None:
+    for rel, expected in manifest.files.items():
+        file = path / rel
+        if not file.is_file():
+            raise ModelLoadError(f"{file}: listed in the manifest but missing")
+        found = file_entry(file)
+        if found.bytes != expected.bytes:
+            raise ModelLoadError(
+                f"{file}: size {found.bytes} bytes, manifest says {expected.bytes} (truncated or replaced)"
+            )
+        if found.sha256 != expected.sha256:
+            raise ModelLoadError(
+                f"{file}: sha256 {found.sha256[:12]}... does not match the manifest's "
+                f"{expected.sha256[:12]}... (corrupted or replaced)"
+            )
+
+
+def _static_dims(shape: Sequence[object]) -> list[int | None]:
+    # onnxruntime reports symbolic/unknown dims as str or None; only ints are fixed.
+    return [d if isinstance(d, int) else None for d in shape]
+
+
+def _verify_signature(model_path: Path, session: ort.InferenceSession, manifest: Manifest) -> None:
+    spec = manifest.input
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelLoadError(f"{model_path}: graph has {len(inputs)} inputs, expected one ({spec.name!r})")
+    (inp,) = inputs
+    if inp.name != spec.name:
+        raise ModelLoadError(f"{model_path}: graph input is named {inp.name!r}, manifest says {spec.name!r}")
+    if inp.type != _ORT_TYPES[spec.dtype]:
+        raise ModelLoadError(f"{model_path}: graph input is {inp.type}, manifest says {spec.dtype}")
+    dims = _static_dims(inp.shape)
+    if len(dims) != 4:
+        raise ModelLoadError(f"{model_path}: graph input has rank {len(dims)}, expected 4 (NHWC)")
+    if dims[0] is not None and dims[0] >= 0:
+        raise ModelLoadError(f"{model_path}: graph input has a fixed batch size {dims[0]}, expected dynamic")
+    if tuple(dims[1:]) != spec.frame_shape:
+        raise ModelLoadError(
+            f"{model_path}: graph input frames are {dims[1:]} (H, W, C), "
+            f"manifest says {list(spec.frame_shape)}"
+        )
+
+    graph_outputs = {o.name: o for o in session.get_outputs()}
+    for out in manifest.outputs:
+        if out.name not in graph_outputs:
+            raise ModelLoadError(
+                f"{model_path}: graph has no output {out.name!r} (it has {sorted(graph_outputs)})"
+            )
+        got = graph_outputs[out.name]
+        if got.type != _ORT_TYPES[out.dtype]:
+            raise ModelLoadError(
+                f"{model_path}: output {out.name!r} is {got.type}, manifest says {out.dtype}"
+            )
+        got_dims = _static_dims(got.shape)
+        if len(got_dims) != len(out.shape):
+            raise ModelLoadError(
+                f"{model_path}: output {out.name!r} has rank {len(got_dims)}, manifest says {len(out.shape)}"
+            )
+        for axis, (g, m) in enumerate(zip(got_dims, out.shape, strict=True)):
+            if isinstance(m, int) and g is not None and g != m:
+                raise ModelLoadError(
+                    f"{model_path}: output {out.name!r} axis {axis} is {g}, manifest says {m}"
+                )
+    extra = sorted(set(graph_outputs) - set(manifest.output_names))
+    if extra:
+        raise ModelLoadError(f"{model_path}: graph has outputs the manifest does not list: {extra}")
+
+
+@dataclass
+class RefreshReport:
+    """What one refresh did: versions now serving, versions refused (with why), models that vanished."""
+
+    loaded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+
+
+class ModelRegistry:
+    """Versions on disk and the one serving session per model name.
+
+    `load(name)` serves the highest version that verifies; `refresh()` moves to newer versions only when
+    they verify, so a broken publish never takes a model down.
+    """
+
+    def __init__(
+        self,
+        repo: Path | str,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.repo = Path(repo)
+        self.providers = resolve_providers(providers)
+        self.intra_op_threads = intra_op_threads
+        self._lock = threading.RLock()
+        self._serving: dict[str, LoadedModel] = {}
+        # name/version -> reason; published versions never change, so a refused one is not retried.
+        self._failed: dict[str, str] = {}
+
+    def scan(self) -> dict[str, list[int]]:
+        """Model names with their published versions (ascending); models with no version are left out."""
+        if not self.repo.is_dir():
+            return {}
+        found = {}
+        for child in sorted(self.repo.iterdir()):
+            if child.is_dir() and not child.name.startswith("."):
+                versions = list_versions(child)
+                if versions:
+                    found[child.name] = versions
+        return found
+
+    def latest_versions(self) -> dict[str, int]:
+        """Highest published version per model (whether or not it verifies)."""
+        return {name: versions[-1] for name, versions in self.scan().items()}
+
+    @property
+    def failures(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._failed)
+
+    def load_version(self, name: str, version: int) -> LoadedModel:
+        """Load exactly one version (not made the serving one); ModelLoadError if it does not verify."""
+        path = self.repo / name / str(version)
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: no such model version")
+        try:
+            return load_version(path, self.providers, make_session_options(self.intra_op_threads))
+        except ModelLoadError as exc:
+            with self._lock:
+                self._failed[f"{name}/{version}"] = str(exc)
+            raise
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """Serve `name` at `version`, or the highest version that verifies (broken ones logged, skipped)."""
+        with self._lock:
+            if version is not None:
+                loaded = self.load_version(name, version)
+            else:
+                loaded = self._load_newest(name, newer_than=0)
+                if loaded is None:
+                    raise ModelLoadError(self._no_version_message(name))
+            self._serving[name] = loaded
+            return loaded
+
+    def get(self, name: str) -> LoadedModel:
+        """The serving version of `name`; KeyError if it is not loaded."""
+        with self._lock:
+            return self._serving[name]
+
+    def serving(self) -> dict[str, LoadedModel]:
+        """A snapshot of name -> serving version."""
+        with self._lock:
+            return dict(self._serving)
+
+    def refresh(self) -> RefreshReport:
+        """Pick up new models and newer versions; a version that fails keeps the old one serving."""
+        report = RefreshReport()
+        with self._lock:
+            on_disk = self.scan()
+            for name in on_disk:
+                current = self._serving.get(name)
+                loaded = self._load_newest(name, newer_than=current.version if current else 0, report=report)
+                if loaded is not None:
+                    self._serving[name] = loaded
+                    report.loaded.append(f"{name}/{loaded.version}")
+            for name in sorted(set(self._serving) - set(on_disk)):
+                # The folder is gone: keep serving what is in memory, but say so.
+                report.removed.append(name)
+                log.warning(
+                    "model %s is no longer in %s; still serving version %d from memory",
+                    name,
+                    self.repo,
+                    self._serving[name].version,
+                )
+        return report
+
+    def reload(self) -> RefreshReport:
+        """Alias of refresh(), for readers who look for that word."""
+        return self.refresh()
+
+    def _load_newest(
+        self, name: str, newer_than: int, report: RefreshReport | None = None
+    ) -> LoadedModel | None:
+        versions = list_versions(self.repo / name)
+        for version in reversed(versions):
+            if version <= newer_than:
+                return None
+            key = f"{name}/{version}"
+            if key in self._failed:
+                continue
+            try:
+                return self.load_version(name, version)
+            except ModelLoadError as exc:
+                log.error("refusing %s: %s", key, exc)
+                if report is not None:
+                    report.failed[key] = str(exc)
+        return None
+
+    def _no_version_message(self, name: str) -> str:
+        model_dir = self.repo / name
+        if not list_versions(model_dir):
+            return f"{model_dir}: no published version (expected integer folders with {MODEL_FILE})"
+        reasons = [msg for key, msg in self._failed.items() if key.startswith(f"{name}/")]
+        return f"{model_dir}: no version could be loaded: " + " | ".join(reasons)
