@@ -1,0 +1,503 @@
+"""The flagged-frame store: every edge case the service (or batch scoring) flags, kept for review.
+
+Two parts, written in this order so that a row never points to a missing image:
+
+1. the image bytes, content-addressed on disk (``root/images/<sha256[:2]>/<sha256>.<ext>``): written
+   to a temporary file in the same folder, fsynced, moved into place with ``os.replace`` and the
+   folder fsynced, so an image is either complete under its real name or absent. Identical frames
+   share one file; an orphan image left by a crash between the two steps is harmless;
+2. one row per flag in SQLite (WAL journal, ``synchronous=FULL``): committed before ``add`` returns,
+   so a flag that was acknowledged to a client survives a SIGKILL or a power cut.
+
+Thread-safe (one SQLite connection per thread) and safe across worker processes (WAL + a busy
+timeout serialise writers; readers never block). Reviewed flags are exported as a labelled folder
+that ``edgecase train --data`` reads: frames reviewed as normal go back into the normal training set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+ReviewState = Literal["unreviewed", "edge_case", "normal"]
+ReviewLabel = Literal["edge_case", "normal"]
+REVIEW_STATES: tuple[str, ...] = get_args(ReviewState)
+REVIEW_LABELS: tuple[str, ...] = get_args(ReviewLabel)
+
+MEDIA_TYPES: dict[str, str] = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+}
+"""Image extensions the store accepts, with the media type the image route answers with."""
+
+DB_FILE = "flagged.sqlite"
+BUSY_TIMEOUT_MS = 30_000
+"""How long a writer waits for another process's write lock before giving up (SQLite busy timeout)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS flags (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    score REAL NOT NULL,
+    p_value REAL NOT NULL,
+    client_key TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    image_sha256 TEXT NOT NULL,
+    image_ext TEXT NOT NULL,
+    review TEXT NOT NULL DEFAULT 'unreviewed'
+        CHECK (review IN ('unreviewed', 'edge_case', 'normal')),
+    reviewed_at REAL
+);
+CREATE INDEX IF NOT EXISTS flags_model_version_created ON flags (model, version, created_at);
+CREATE INDEX IF NOT EXISTS flags_created ON flags (created_at);
+CREATE INDEX IF NOT EXISTS flags_review ON flags (review);
+"""
+
+
+class FlaggedNotFoundError(KeyError):
+    """No flag with this id (the routes answer 404)."""
+
+    def __init__(self, flag_id: int) -> None:
+        super().__init__(flag_id)
+        self.flag_id = flag_id
+
+    def __str__(self) -> str:
+        return f"no flagged frame with id {self.flag_id}"
+
+
+@dataclass(frozen=True)
+class NewFlag:
+    """One frame to flag; what ``FlaggedStore.add_many`` takes (``add`` takes the same as keywords)."""
+
+    image: bytes
+    model: str
+    version: int
+    score: float
+    p_value: float
+    key: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    ext: str = "png"
+
+
+@dataclass(frozen=True)
+class FlaggedRecord:
+    """One stored flag. ``created_at``/``reviewed_at`` are timezone-aware UTC datetimes."""
+
+    id: int
+    created_at: datetime
+    model: str
+    version: int
+    score: float
+    p_value: float
+    key: str | None
+    metadata: dict[str, Any]
+    image_sha256: str
+    image_ext: str
+    review: ReviewState
+    reviewed_at: datetime | None
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.image_ext]
+
+
+def _utc(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _epoch(when: datetime | float | None) -> float | None:
+    """Datetimes without a timezone are taken as UTC (what the API documents)."""
+    if when is None or isinstance(when, int | float):
+        return when
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _normalise_ext(ext: str) -> str:
+    ext = ext.lower().lstrip(".")
+    if ext not in MEDIA_TYPES:
+        raise ValueError(f"image extension {ext!r} is not one of {', '.join(MEDIA_TYPES)}")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FlaggedStore:
+    """Flagged frames on disk (content-addressed images) plus one SQLite row per flag.
+
+    ``root`` holds ``images/`` and, unless ``db_path`` says otherwise, ``flagged.sqlite``.
+    """
+
+    def __init__(self, root: Path | str, db_path: Path | str | None = None) -> None:
+        self.root = Path(root)
+        self.images_dir = self.root / "images"
+        self.db_path = Path(db_path) if db_path is not None else self.root / DB_FILE
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
+        self._closed = False
+        # executescript runs each statement in its own implicit transaction; all are idempotent.
+        self._connection().executescript(_SCHEMA)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection (sqlite3 objects must not be shared between threads)."""
+        if self._closed:
+            raise RuntimeError(f"flagged store {self.root} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below), never implicit.
+            conn = sqlite3.connect(
+                self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: every commit is fsynced, so an acknowledged flag survives power loss, not only a crash.
+            conn.execute("PRAGMA synchronous = FULL")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connection()
+        # IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading a read.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection (the store cannot be used afterwards)."""
+        self._closed = True
+        with self._connections_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+
+    def __enter__(self) -> FlaggedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- images ------------------------------------------------------------------------------
+
+    def _image_file(self, sha256: str, ext: str) -> Path:
+        return self.images_dir / sha256[:2] / f"{sha256}.{ext}"
+
+    def _write_image(self, data: bytes, ext: str) -> str:
+        """Store ``data`` once under its sha256 and return the digest; durable when this returns."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        final = self._image_file(sha256, ext)
+        folder = final.parent
+        if folder not in self._known_dirs:
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.images_dir)
+            self._known_dirs.add(folder)
+        if final.is_file() and final.stat().st_size == len(data):
+            # Same bytes already stored (content-addressed): only ever renamed in after an fsync.
+            return sha256
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{sha256[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        _fsync_dir(folder)
+        return sha256
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        image_bytes: bytes,
+        *,
+        model: str,
+        version: int,
+        score: float,
+        p_value: float,
+        key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        ext: str = "png",
+    ) -> FlaggedRecord:
+        """Store one flagged frame; returns only once both the image and its row are durable."""
+        flag = NewFlag(image_bytes, model, version, score, p_value, key, metadata or {}, ext)
+        return self.add_many([flag])[0]
+
+    def add_many(self, flags: Sequence[NewFlag]) -> list[FlaggedRecord]:
+        """Store several flags with one SQLite commit (one fsync) after all their images are on disk."""
+        prepared = []
+        for flag in flags:
+            data = bytes(flag.image)
+            if not data:
+                raise ValueError("a flagged frame needs image bytes, got 0 bytes")
+            if not flag.model:
+                raise ValueError("a flagged frame needs a model name")
+            try:
+                metadata_json = json.dumps(dict(flag.metadata), sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
+            prepared.append((flag, data, _normalise_ext(flag.ext), metadata_json))
+        # Images first: a row committed below must never point to a file that is not durable yet.
+        rows = [
+            (flag, self._write_image(data, ext), ext, metadata_json)
+            for flag, data, ext, metadata_json in prepared
+        ]
+        now = time.time()
+        ids = []
+        with self._transaction() as conn:
+            for flag, sha256, ext, metadata_json in rows:
+                cursor = conn.execute(
+                    "INSERT INTO flags (created_at, model, version, score, p_value, client_key, metadata,"
+                    " image_sha256, image_ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        now,
+                        flag.model,
+                        int(flag.version),
+                        float(flag.score),
+                        float(flag.p_value),
+                        flag.key,
+                        metadata_json,
+                        sha256,
+                        ext,
+                    ),
+                )
+                ids.append(int(cursor.lastrowid or 0))
+        return [
+            FlaggedRecord(
+                id=flag_id,
+                created_at=datetime.fromtimestamp(now, UTC),
+                model=flag.model,
+                version=int(flag.version),
+                score=float(flag.score),
+                p_value=float(flag.p_value),
+                key=flag.key,
+                metadata=json.loads(metadata_json),
+                image_sha256=sha256,
+                image_ext=ext,
+                review="unreviewed",
+                reviewed_at=None,
+            )
+            for flag_id, (flag, sha256, ext, metadata_json) in zip(ids, rows, strict=True)
+        ]
+
+    def review(self, flag_id: int, label: str) -> FlaggedRecord:
+        """Record a reviewer's verdict (``edge_case`` or ``normal``); reviewing again overwrites it."""
+        if label not in REVIEW_LABELS:
+            raise ValueError(f"review label must be one of {', '.join(REVIEW_LABELS)}, got {label!r}")
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE flags SET review = ?, reviewed_at = ? WHERE id = ?", (label, time.time(), flag_id)
+            )
+            if cursor.rowcount == 0:
+                raise FlaggedNotFoundError(flag_id)
+        return self.get(flag_id)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> FlaggedRecord:
+        return FlaggedRecord(
+            id=row["id"],
+            created_at=datetime.fromtimestamp(row["created_at"], UTC),
+            model=row["model"],
+            version=row["version"],
+            score=row["score"],
+            p_value=row["p_value"],
+            key=row["client_key"],
+            metadata=json.loads(row["metadata"]),
+            image_sha256=row["image_sha256"],
+            image_ext=row["image_ext"],
+            review=row["review"],
+            reviewed_at=_utc(row["reviewed_at"]),
+        )
+
+    def get(self, flag_id: int) -> FlaggedRecord:
+        """One flag by id; ``FlaggedNotFoundError`` if there is none."""
+        row = self._connection().execute("SELECT * FROM flags WHERE id = ?", (flag_id,)).fetchone()
+        if row is None:
+            raise FlaggedNotFoundError(flag_id)
+        return self._record(row)
+
+    def list(
+        self,
+        model: str | None = None,
+        version: int | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        review: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> tuple[list[FlaggedRecord], int]:
+        """Flags matching every given filter (``since`` inclusive, ``until`` exclusive), a page of them.
+
+        Returns ``(records, total)`` where ``total`` counts every match, not just this page.
+        """
+        if review is not None and review not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, got {review!r}")
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0, got limit={limit} offset={offset}")
+        clauses, params = self._filters(model, version, since, until, review)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "DESC" if newest_first else "ASC"
+        conn = self._connection()
+        # One read transaction, so the page and the total come from the same snapshot.
+        conn.execute("BEGIN")
+        try:
+            total = conn.execute(f"SELECT COUNT(*) FROM flags{where}", params).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT * FROM flags{where} ORDER BY id {order} LIMIT ? OFFSET ?", [*params, limit, offset]
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return [self._record(row) for row in rows], int(total)
+
+    @staticmethod
+    def _filters(
+        model: str | None,
+        version: int | None,
+        since: datetime | float | None,
+        until: datetime | float | None,
+        review: str | None,
+    ) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("model = ?", model),
+            ("version = ?", version),
+            ("created_at >= ?", _epoch(since)),
+            ("created_at < ?", _epoch(until)),
+            ("review = ?", review),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        return clauses, params
+
+    def image_path(self, flag_id: int) -> Path:
+        """The file holding a flag's image; ``FlaggedNotFoundError`` for an unknown id."""
+        record = self.get(flag_id)
+        return self._image_file(record.image_sha256, record.image_ext)
+
+    def read_image(self, flag_id: int) -> tuple[bytes, str]:
+        """A flag's image bytes and media type."""
+        record = self.get(flag_id)
+        return self._image_file(record.image_sha256, record.image_ext).read_bytes(), record.media_type
+
+    def count(self) -> int:
+        """Number of flags (rows), however many distinct images they share."""
+        return int(self._connection().execute("SELECT COUNT(*) FROM flags").fetchone()[0])
+
+    # -- export ------------------------------------------------------------------------------
+
+    def export(self, review: str, out: Path | str, *, overwrite: bool = False) -> int:
+        """Write the flags in one review state as a labelled folder for ``edgecase train --data``.
+
+        Frames go to ``out/<key>.png`` with keys ``<split>/<family>/<family>_<id:06d>`` (the flag id
+        of the first flag of that image) and ``out/labels.csv`` lists them (docs/architecture.md):
+        reviewed ``normal`` -> split ``train``, family ``normal``, strength 0 (back into the normal
+        training set); ``edge_case`` and ``unreviewed`` (flagged by the model, not yet confirmed) ->
+        split ``test``, family ``edge_case``, strength 1. A frame flagged several times is written
+        once. ``out/flagged_export.json`` records where every frame came from. Returns the frames
+        written; refuses an ``out`` that already holds a labels.csv unless ``overwrite``.
+        """
+        from contract.frames import FrameDecodeError, decode_frame, encode_png
+        from contract.labels import LABELS_FILENAME, LabelRow, write_labels
+        from contract.writers import open_writer
+
+        if review not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, got {review!r}")
+        out = Path(out)
+        if (out / LABELS_FILENAME).exists() and not overwrite:
+            raise FileExistsError(f"{out / LABELS_FILENAME} already exists; choose an empty folder")
+        split, family = ("train", "normal") if review == "normal" else ("test", "edge_case")
+        strength = 0.0 if review == "normal" else 1.0
+        seen: set[str] = set()
+        labels: list[LabelRow] = []
+        provenance: list[dict[str, Any]] = []
+        with open_writer(out, "dir", split) as writer:
+            for record in self._iter_review(review):
+                if record.image_sha256 in seen:
+                    continue
+                seen.add(record.image_sha256)
+                data = self._image_file(record.image_sha256, record.image_ext).read_bytes()
+                if record.image_ext != "png":
+                    try:
+                        data = encode_png(decode_frame(data))
+                    except FrameDecodeError as exc:
+                        raise ValueError(f"flag {record.id}: stored image is unreadable: {exc}") from exc
+                key = f"{split}/{family}/{family}_{record.id:06d}"
+                path = writer.write(key, data, {})
+                labels.append(LabelRow(key=key, path=path, split=split, family=family, strength=strength))
+                provenance.append({"key": key, "flag_id": record.id, **_provenance(record)})
+        manifest = {"store": str(self.root), "review": review, "frames": provenance}
+        tmp = out / f".flagged_export.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out / "flagged_export.json")
+        # labels.csv last: its presence says the folder is complete.
+        write_labels(out, labels)
+        return len(labels)
+
+    def _iter_review(self, review: str, page: int = 500) -> Iterator[FlaggedRecord]:
+        """Every flag in one review state, oldest first, a page at a time (bounded memory)."""
+        offset = 0
+        while True:
+            records, _ = self.list(review=review, limit=page, offset=offset, newest_first=False)
+            if not records:
+                return
+            offset += len(records)
+            yield from records
+
+
+def _provenance(record: FlaggedRecord) -> dict[str, Any]:
+    """Where an exported frame came from (kept beside the export, in flagged_export.json)."""
+    return {
+        "model": record.model,
+        "version": record.version,
+        "score": record.score,
+        "p_value": record.p_value,
+        "client_key": record.key,
+        "image_sha256": record.image_sha256,
+        "review": record.review,
+    }
