@@ -1,0 +1,166 @@
+"""Calibration of a score head on held-out normal frames: a threshold at a target false-positive
+rate and conformal p-values.
+
+Only normal frames are needed. The p-value of a score ``s`` given calibration scores ``c_1..c_n`` is
+the conformal one, ``(1 + #{c_i >= s}) / (n + 1)`` (Vovk et al. 2005; Bates et al. 2023, "Testing
+for outliers with conformal p-values"): if the frame is exchangeable with the calibration normals it
+is a valid p-value, so "p = 0.003" reads as "more unusual than 99.7% of normal frames".
+
+Threshold rule: the threshold is the empirical ``1 - target_fpr`` quantile with the *inverted CDF*
+definition (numpy ``method="inverted_cdf"``): the smallest calibration score ``t`` with
+``#{c_i <= t} >= (1 - target_fpr) * n``. A frame is flagged when ``score > threshold`` (strictly), so
+at most ``target_fpr`` of the calibration normals are flagged.
+
+Files: ``RUN_DIR/calibration/<head>.json`` with
+``{"head", "target_fpr", "threshold", "n", "scores": [...], "quantiles": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Quantiles stored beside the threshold, for the manifest and for humans reading the file.
+QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Threshold and reference scores of one head on held-out normal frames."""
+
+    threshold: float
+    quantiles: dict[str, float]
+    n: int
+    scores: list[float] = field(repr=False)
+    target_fpr: float = 0.01
+    head: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The on-disk form (see the module docstring)."""
+        return {
+            "head": self.head,
+            "target_fpr": self.target_fpr,
+            "threshold": self.threshold,
+            "n": self.n,
+            "scores": self.scores,
+            "quantiles": self.quantiles,
+        }
+
+
+def _check_scores(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("calibration needs at least one normal score, got none")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"calibration scores must be finite, got {int((~np.isfinite(values)).sum())} non-finite"
+        )
+    return values
+
+
+def calibrate_scores(scores: npt.ArrayLike, target_fpr: float = 0.01, head: str = "") -> Calibration:
+    """Threshold at ``target_fpr`` (inverted-CDF quantile, flag when ``score > threshold``)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    values = np.sort(_check_scores(scores))
+    n = values.size
+    # Smallest order statistic c_(k) with k >= (1 - fpr) n: at most n - k <= fpr * n scores exceed it.
+    # The epsilon keeps e.g. (1 - 0.01) * 100 = 99.00000000000001 from rounding up to k = 100.
+    k = max(1, math.ceil((1.0 - target_fpr) * n - 1e-9))
+    threshold = float(values[k - 1])
+    quantiles = {str(q): float(np.quantile(values, q, method="inverted_cdf")) for q in QUANTILE_LEVELS}
+    return Calibration(
+        threshold=threshold,
+        quantiles=quantiles,
+        n=int(n),
+        scores=[float(v) for v in values],
+        target_fpr=float(target_fpr),
+        head=head,
+    )
+
+
+def p_value(score: npt.ArrayLike, calibration_scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Conformal p-value ``(1 + #{c_i >= s}) / (n + 1)`` for each score (vectorised)."""
+    reference = np.sort(_check_scores(calibration_scores))
+    s = np.asarray(score, dtype=np.float64)
+    at_least = reference.size - np.searchsorted(reference, s, side="left")
+    return (1.0 + at_least) / (reference.size + 1.0)
+
+
+def save_calibration(run_dir: str | Path, calibration: Calibration) -> Path:
+    """Write ``RUN_DIR/calibration/<head>.json``; returns its path."""
+    if not calibration.head:
+        raise ValueError("a calibration needs a head name to be saved")
+    out = Path(run_dir) / "calibration" / f"{calibration.head}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(calibration.to_json(), indent=1))
+    tmp.replace(out)
+    return out
+
+
+def load_calibration(run_dir: str | Path, head: str) -> Calibration:
+    """Read ``RUN_DIR/calibration/<head>.json`` (FileNotFoundError names the missing file)."""
+    path = Path(run_dir) / "calibration" / f"{head}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration for head {head!r}: {path} (run `edgecase calibrate`)")
+    data = json.loads(path.read_text())
+    return Calibration(
+        threshold=float(data["threshold"]),
+        quantiles={str(k): float(v) for k, v in data.get("quantiles", {}).items()},
+        n=int(data["n"]),
+        scores=[float(v) for v in data["scores"]],
+        target_fpr=float(data["target_fpr"]),
+        head=str(data.get("head", head)),
+    )
+
+
+def score_frames(
+    graph: nn.Module, frames: npt.NDArray[np.uint8], batch_size: int = 64, desc: str = "scoring"
+) -> npt.NDArray[np.float64]:
+    """Run a score graph over NHWC uint8 frames in batches (no_grad); returns the scores [N]."""
+    import torch
+    from tqdm import tqdm
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+    out: list[np.ndarray] = []
+    graph.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(frames), batch_size), desc=desc, unit="batch", leave=False):
+            result = graph(torch.from_numpy(np.ascontiguousarray(frames[start : start + batch_size])))
+            score = result[0] if isinstance(result, tuple | list) else result
+            out.append(score.detach().double().cpu().numpy().reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    val_frames: npt.NDArray[np.uint8],
+    heads: list[str] | None = None,
+    target_fpr: float = 0.01,
+    batch_size: int = 64,
+) -> dict[str, Calibration]:
+    """Calibrate every head of a run (or ``heads``) on held-out normal frames and save the files."""
+    from training.graphs import available_heads, build_score_graph
+
+    names = available_heads(run_dir) if heads is None else list(heads)
+    if not names:
+        raise ValueError(f"no score heads available for run {run_dir}")
+    results: dict[str, Calibration] = {}
+    for head in names:
+        graph = build_score_graph(run_dir, head)
+        scores = score_frames(graph, val_frames, batch_size=batch_size, desc=f"calibrating {head}")
+        calibration = calibrate_scores(scores, target_fpr=target_fpr, head=head)
+        save_calibration(run_dir, calibration)
+        results[head] = calibration
+    return results

@@ -1,0 +1,309 @@
+"""Local (patch-level) score heads: small objects are local evidence, not a global likelihood.
+
+A pedestrian 2-20 px tall changes a 64x64 frame's likelihood by less than the natural variation
+between normal frames, so every global score sits at chance on it. PatchCore (Roth et al. 2022,
+"Towards Total Recall in Industrial Anomaly Detection") scores each location by the distance of its
+feature to the nearest feature in a memory bank of normal patches. Dashcam frames are spatially
+aligned (sky on top, road below), so here the bank is *position-aware*: location ``(i, j)`` is
+compared only with normal features seen at ``(i + di, j + dj)``, ``|di|, |dj| <= radius``. Sky-blue
+on the road or asphalt-grey in the sky is then anomalous even though both are normal elsewhere (the
+idea PaDiM, Defard et al. 2021, uses with one Gaussian per location).
+
+Graph (export-friendly: conv, bmm, min, max, bilinear resize):
+``frames uint8 NHWC -> [-1, 1] -> early conv layers of the run's network (the first
+``depth`` conv blocks of the VAE encoder or of the GAN discriminator) -> per-channel standardisation
+-> 3x3 average pooling (PatchCore's local neighbourhood aggregation) -> fixed random projection to
+``dim`` channels (Johnson-Lindenstrauss; keeps the bank small) -> per location min squared distance to
+its bank [L, M, dim] -> sqrt -> anomaly map (upsampled bilinearly to H x W) and score = max over
+locations``. The max is the reduction rule because one small object occupies one or two locations.
+
+The bank holds at most ``bank_size`` (default 256) entries per location, chosen from the candidates
+(features of training normals at the location and its neighbours) by greedy k-centre coreset
+selection (PatchCore), so rare normal patterns stay covered. It is built from training normals the
+first time the graph is built and cached in ``RUN_DIR/banks/<head>.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+BANK_SIZE = 256
+RADIUS = 1
+PROJECTION_DIM = 64
+MAX_BANK_FRAMES = 1500
+BANK_FORMAT_VERSION = 1
+
+
+def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (the scaling every score graph does inside)."""
+    return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class PatchFeatures(nn.Module):
+    """Early conv features, standardised, locally pooled and projected: [N, dim, h, w]."""
+
+    def __init__(self, backbone: nn.Module, channels: int, dim: int = PROJECTION_DIM, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("inv_std", torch.ones(1, channels, 1, 1))
+        # A fixed Gaussian projection (seeded): distances are preserved up to a small factor (JL lemma).
+        generator = torch.Generator().manual_seed(seed)
+        out_dim = min(dim, channels)
+        projection = torch.randn(out_dim, channels, generator=generator) / out_dim**0.5
+        if out_dim == channels:
+            projection = torch.eye(channels)
+        self.register_buffer("projection", projection[:, :, None, None].contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)
+        f = (f - self.mean) * self.inv_std
+        f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        return F.conv2d(f, self.projection)
+
+    @torch.no_grad()
+    def fit_standardisation(self, x: torch.Tensor) -> None:
+        """Per-channel mean and std of the backbone's features on normal frames."""
+        f = self.backbone(x)
+        self.mean.copy_(f.mean(dim=(0, 2, 3), keepdim=True))
+        self.inv_std.copy_(1.0 / f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+
+
+class PatchDistanceGraph(nn.Module):
+    """Score graph: per-location nearest-neighbour distance to a position-aware bank of normals."""
+
+    def __init__(self, features: PatchFeatures, bank: torch.Tensor, grid: tuple[int, int]) -> None:
+        super().__init__()
+        locations, _, dim = bank.shape
+        if locations != grid[0] * grid[1]:
+            raise ValueError(f"bank has {locations} locations, grid {grid} has {grid[0] * grid[1]}")
+        self.features = features
+        self.grid = grid
+        self.register_buffer("bank_t", bank.transpose(1, 2).contiguous())  # [L, dim, M]
+        self.register_buffer("bank_sq", (bank * bank).sum(-1)[:, None, :].contiguous())  # [L, 1, M]
+        self.dim = dim
+
+    def distance_map(self, frames: torch.Tensor) -> torch.Tensor:
+        """[N, h, w] distance of each location's feature to its nearest bank entry."""
+        f = self.features(to_unit_range(frames))  # [N, dim, h, w]
+        n = f.shape[0]
+        f = f.flatten(2).permute(2, 0, 1)  # [L, N, dim]
+        d2 = (f * f).sum(-1, keepdim=True) - 2.0 * torch.bmm(f, self.bank_t) + self.bank_sq  # [L, N, M]
+        d = d2.min(dim=-1).values.clamp_min(0.0).sqrt()  # [L, N]
+        return d.transpose(0, 1).reshape(n, self.grid[0], self.grid[1])
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dmap = self.distance_map(frames)
+        score = dmap.flatten(1).max(dim=1).values
+        amap = F.interpolate(dmap[:, None], size=frames.shape[1:3], mode="bilinear", align_corners=False)
+        return score, amap[:, 0]
+
+
+def greedy_coreset(candidates: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices [L, size] of a greedy k-centre coreset per location (Roth et al. 2022, Sec. 3.2).
+
+    ``candidates`` is [L, K, D]; each step adds, per location, the candidate farthest from those
+    already chosen, so the chosen set covers every candidate within the smallest radius it can.
+    """
+    locations, k, _ = candidates.shape
+    if size >= k:
+        return torch.arange(k).expand(locations, k).clone()
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(k, (locations,), generator=generator)
+    chosen = [first]
+    rows = torch.arange(locations)
+    nearest = ((candidates - candidates[rows, first][:, None]) ** 2).sum(-1)  # [L, K]
+    for _ in range(size - 1):
+        pick = nearest.argmax(dim=1)
+        chosen.append(pick)
+        dist = ((candidates - candidates[rows, pick][:, None]) ** 2).sum(-1)
+        nearest = torch.minimum(nearest, dist)
+    return torch.stack(chosen, dim=1)
+
+
+def neighbourhood_candidates(features: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N, D, h, w] normal features -> [L, N * (2r+1)^2, D]: each location with its neighbours' features.
+
+    Edge locations reuse the nearest valid neighbour (replicate padding), so every location has the
+    same number of candidates.
+    """
+    n, d, h, w = features.shape
+    padded = F.pad(features, (radius, radius, radius, radius), mode="replicate")
+    shifted = [
+        padded[:, :, radius + di : radius + di + h, radius + dj : radius + dj + w]
+        for di in range(-radius, radius + 1)
+        for dj in range(-radius, radius + 1)
+    ]
+    stack = torch.stack(shifted, dim=1)  # [N, S, D, h, w]
+    return stack.permute(3, 4, 0, 1, 2).reshape(h * w, n * len(shifted), d)
+
+
+@torch.no_grad()
+def build_bank(
+    features: PatchFeatures,
+    frames: npt.NDArray[np.uint8],
+    bank_size: int = BANK_SIZE,
+    radius: int = RADIUS,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_candidates: int = 4096,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Fit the standardisation and build the position-aware bank [L, M, dim] from normal frames."""
+    if len(frames) == 0:
+        raise ValueError("building a patch bank needs at least one normal frame")
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    features.eval()
+    features.fit_standardisation(to_unit_range(x[: min(len(x), 512)]))
+    chunks = [
+        features(to_unit_range(x[i : i + batch_size]))
+        for i in tqdm(range(0, len(x), batch_size), desc="patch features", unit="batch", leave=False)
+    ]
+    feats = torch.cat(chunks)  # [N, dim, h, w]
+    grid = (int(feats.shape[2]), int(feats.shape[3]))
+    candidates = neighbourhood_candidates(feats, radius)  # [L, K, dim]
+    generator = torch.Generator().manual_seed(seed)
+    if candidates.shape[1] > max_candidates:  # bound coreset time: a random subset first
+        keep = torch.randperm(candidates.shape[1], generator=generator)[:max_candidates]
+        candidates = candidates[:, keep]
+    banks = []
+    step = 64  # locations per coreset chunk bounds memory
+    for start in tqdm(range(0, candidates.shape[0], step), desc="patch coreset", unit="chunk", leave=False):
+        block = candidates[start : start + step]
+        idx = greedy_coreset(block, bank_size, seed=seed + start)
+        banks.append(torch.gather(block, 1, idx[:, :, None].expand(-1, -1, block.shape[2])))
+    return torch.cat(banks).contiguous(), grid
+
+
+def early_layers(network: nn.Module, depth: int) -> tuple[nn.Sequential, int]:
+    """The leaf modules of ``network`` up to (not including) its ``depth + 1``-th conv; and its width.
+
+    Relies on the modules being registered in forward order, as in an ``nn.Sequential`` stack of
+    conv / norm / activation blocks (pytorch/examples' DCGAN and our VAE encoder).
+    """
+    layers: list[nn.Module] = []
+    convs = 0
+    channels = 0
+    for module in network.modules():
+        if list(module.children()):
+            continue
+        if isinstance(module, nn.Conv2d):
+            if convs == depth:
+                break
+            convs += 1
+            channels = module.out_channels
+        elif isinstance(module, nn.Linear | nn.Flatten):
+            break
+        if convs:
+            layers.append(module)
+    if convs < depth:
+        raise ValueError(f"network has only {convs} conv layers before its head, asked for {depth}")
+    return nn.Sequential(*layers), channels
+
+
+def build_patch_graph(
+    run_dir: str | Path,
+    kind: str,
+    *,
+    depth: int = 2,
+    bank_size: int = BANK_SIZE,
+    radius: int = RADIUS,
+    dim: int = PROJECTION_DIM,
+    random_init: bool = False,
+) -> PatchDistanceGraph:
+    """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
+
+    ``random_init`` swaps the trained early layers for the same layers at their random
+    initialisation (an ablation: are trained features needed?).
+    """
+    run_dir = Path(run_dir)
+    head = f"{kind}-patch" + ("-random" if random_init else "")
+    network, config = early_network(run_dir, kind, random_init=random_init)
+    backbone, channels = early_layers(network, depth)
+    settings: dict[str, Any] = {
+        "version": BANK_FORMAT_VERSION,
+        "depth": depth,
+        "bank_size": bank_size,
+        "radius": radius,
+        "dim": dim,
+        "random_init": random_init,
+        "seed": int(config.get("seed", 0)),
+    }
+    features = PatchFeatures(backbone, channels, dim=dim, seed=settings["seed"])
+    cache = run_dir / "banks" / f"{head}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved.get("settings") == settings:
+            features.load_state_dict(saved["features"])
+            return PatchDistanceGraph(features, saved["bank"], tuple(saved["grid"])).eval()
+        log.info("%s: settings changed, rebuilding the bank", cache)
+    frames = run_normals(run_dir, "train", limit=MAX_BANK_FRAMES)
+    bank, grid = build_bank(features, frames, bank_size=bank_size, radius=radius, seed=settings["seed"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".pt.tmp")
+    torch.save(
+        {"settings": settings, "features": features.state_dict(), "bank": bank, "grid": list(grid)}, tmp
+    )
+    tmp.replace(cache)
+    return PatchDistanceGraph(features, bank, grid).eval()
+
+
+def early_network(run_dir: Path, kind: str, *, random_init: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The network whose early convs the patch head uses: the VAE encoder or the GAN discriminator.
+
+    With ``random_init`` the same architecture at a seeded random initialisation is returned instead.
+    """
+    if kind == "gan":
+        from training.gan_heads import build_dcgan, load_gan
+
+        model, config = load_gan(run_dir)
+        if random_init:
+            torch.manual_seed(int(config.get("seed", 0)))
+            model = build_dcgan(config).eval()
+        return model.discriminator, config
+    if kind == "vae":
+        from training.vae_heads import load_vae
+
+        vae, config = load_vae(run_dir)
+        if random_init:
+            from training.vae import VAE
+
+            torch.manual_seed(int(config.get("seed", 0)))
+            vae = VAE(**vae.config()).eval()
+        return vae.encoder, config
+    raise ValueError(f"no patch head for run kind {kind!r}; valid: gan, vae")
+
+
+def run_normals(run_dir: str | Path, split: str, limit: int | None = None) -> npt.NDArray[np.uint8]:
+    """Normal frames of a run's own data (``train`` or ``val`` split), at the run's image size.
+
+    Reads the sources named in ``RUN_DIR/config.json`` with the run's seed, so the split is the one
+    the run trained on. ``limit`` caps the frames (a seeded subset for ``train``).
+    """
+    from training.data import load_training_frames
+    from training.runs import load_config
+
+    config = load_config(run_dir)
+    sources = config.get("data")
+    if not sources:
+        raise ValueError(f"{run_dir}/config.json names no data sources")
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    seed = int(config.get("seed", 0))
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data = load_training_frames(sources, int(config["size"]), seed=seed)
+    frames = data.train if split == "train" else data.val
+    if limit is not None and len(frames) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(frames), limit, replace=False))
+        frames = frames[pick]
+    return frames
