@@ -18,6 +18,7 @@ Files: ``RUN_DIR/calibration/<head>.json`` with
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy.typing as npt
 
 if TYPE_CHECKING:
     from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Quantiles stored beside the threshold, for the manifest and for humans reading the file.
 QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -150,7 +153,11 @@ def calibrate_run(
     target_fpr: float = 0.01,
     batch_size: int = 64,
 ) -> dict[str, Calibration]:
-    """Calibrate every head of a run (or ``heads``) on held-out normal frames and save the files."""
+    """Calibrate every head of a run (or ``heads``) on held-out normal frames and save the files.
+
+    With ``heads=None`` a head whose graph cannot be built for this run (e.g. a patch bank on a dry
+    run without data sources) is skipped with a warning; heads named explicitly must all build.
+    """
     from training.graphs import available_heads, build_score_graph
 
     names = available_heads(run_dir) if heads is None else list(heads)
@@ -158,7 +165,13 @@ def calibrate_run(
         raise ValueError(f"no score heads available for run {run_dir}")
     results: dict[str, Calibration] = {}
     for head in names:
-        graph = build_score_graph(run_dir, head)
+        try:
+            graph = build_score_graph(run_dir, head)
+        except (ValueError, FileNotFoundError) as exc:
+            if heads is not None:
+                raise
+            log.warning("%s: head %s skipped, its graph cannot be built: %s", run_dir, head, exc)
+            continue
         scores = score_frames(graph, val_frames, batch_size=batch_size, desc=f"calibrating {head}")
         calibration = calibrate_scores(scores, target_fpr=target_fpr, head=head)
         save_calibration(run_dir, calibration)

@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 RULES = ("max", "mean", "top2")
 COMBO_FORMAT_VERSION = 1
 MAX_COMBO_VAL = 1000
+MIN_SELECT_VAL = 8
 
 # Components per kind, in order of preference; those the run cannot build are skipped.
 # vae-iwae is left out on purpose: it is the ELBO's tighter twin at K times the cost.
 DEFAULT_COMPONENTS = {
     "vae": ("vae-complexity", "vae-elbo", "vae-patch"),
-    "gan": ("gan-feat", "gan-disc", "gan-patch"),
+    "gan": ("gan-dfeat-knn", "gan-feat", "gan-disc", "gan-patch"),
 }
 
 
@@ -166,21 +167,28 @@ def build_combo_graph(
         if saved.get("version") == COMBO_FORMAT_VERSION and saved.get("components") == names:
             return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"]).eval()
     val = run_normals(run_dir, split="val", limit=MAX_COMBO_VAL)
-    if len(val) < 4:
-        raise ValueError(f"{kind}-combo needs at least 4 validation normals, the run has {len(val)}")
-    order = np.random.default_rng(0).permutation(len(val))
-    half_a, half_b = val[np.sort(order[: len(val) // 2])], val[np.sort(order[len(val) // 2 :])]
-    pseudo = pseudo_anomalies(half_b, half_a, seed=1)
-    center, scale, z_b, z_p = [], [], [], []
-    for name, graph in zip(names, graphs, strict=True):
-        a = score_frames(graph, half_a, desc=f"combo stats {name}")
-        c, s = robust_stats(a)
-        center.append(c)
-        scale.append(s)
-        z_b.append((score_frames(graph, half_b, desc=f"combo normals {name}") - c) / s)
-        z_p.append((score_frames(graph, pseudo, desc=f"combo pseudo {name}") - c) / s)
-    rule, by_rule, per_component = choose_rule(np.stack(z_b, 1), np.stack(z_p, 1))
-    log.info("%s-combo: rule %s (pseudo-anomaly AUROC by rule %s)", kind, rule, by_rule)
+    if len(val) == 0:
+        raise ValueError(f"{kind}-combo needs validation normals, the run has none")
+    if len(val) < MIN_SELECT_VAL:  # dry runs: statistics on all of them, the default rule, no selection
+        log.warning("%s-combo: only %d validation normals, rule %s not validated", kind, len(val), RULES[0])
+        pairs = zip(names, graphs, strict=True)
+        stats = [robust_stats(score_frames(g, val, desc=f"combo stats {n}")) for n, g in pairs]
+        center, scale = [c for c, _ in stats], [s for _, s in stats]
+        rule, by_rule, per_component = RULES[0], {}, [float("nan")] * len(names)
+        half_a, half_b = val, val[:0]
+    else:
+        order = np.random.default_rng(0).permutation(len(val))
+        half_a, half_b = val[np.sort(order[: len(val) // 2])], val[np.sort(order[len(val) // 2 :])]
+        pseudo = pseudo_anomalies(half_b, half_a, seed=1)
+        center, scale, z_b, z_p = [], [], [], []
+        for name, graph in zip(names, graphs, strict=True):
+            c, s = robust_stats(score_frames(graph, half_a, desc=f"combo stats {name}"))
+            center.append(c)
+            scale.append(s)
+            z_b.append((score_frames(graph, half_b, desc=f"combo normals {name}") - c) / s)
+            z_p.append((score_frames(graph, pseudo, desc=f"combo pseudo {name}") - c) / s)
+        rule, by_rule, per_component = choose_rule(np.stack(z_b, 1), np.stack(z_p, 1))
+        log.info("%s-combo: rule %s (pseudo-anomaly AUROC by rule %s)", kind, rule, by_rule)
     record = {
         "version": COMBO_FORMAT_VERSION,
         "components": names,

@@ -141,6 +141,7 @@ def evaluate_run(
     Returns ``(results, families, frames, keys)``. A head without a calibration file is calibrated
     here on the run's validation normals (and the file is written, as ``edgecase calibrate`` would).
     """
+    from contract.labels import is_normal
     from training.baselines import fit_baselines
     from training.calibrate import calibrate_run, load_calibration
     from training.data import load_labelled_frames
@@ -158,6 +159,7 @@ def evaluate_run(
             f"unknown head(s) {', '.join(unknown)} for this run; valid: {', '.join(sorted(valid))}"
         )
     frames, families, keys, _ = load_labelled_frames(data, size, max_per_family=max_per_family)
+    families = [NORMAL if is_normal(f) else f for f in families]  # "Normal", " normal " -> "normal"
     log.info("evaluating %d labelled frames (%s)", len(frames), ", ".join(sorted(set(families))))
     val: npt.NDArray[np.uint8] | None = None
     results: list[ScorerResult] = []
