@@ -1,0 +1,92 @@
+"""training.data: which frames a run trains and validates on, and how evaluation frames are read.
+
+No torch here: data loading is numpy + the contract readers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training_helpers import write_plain_folder, write_tiny_synth
+from training.data import load_labelled_frames, load_training_frames
+
+
+@pytest.mark.parametrize("fmt", ["dir", "tar", "parquet"])
+def test_synth_folder_trains_on_its_train_split_and_validates_on_val(tmp_path: Path, fmt: str) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", n_train=10, n_val=4, n_test=3, fmt=fmt)
+    data = load_training_frames([folder], 32)
+    assert data.train.shape == (10, 32, 32, 3) and data.train.dtype == np.uint8
+    assert data.val.shape == (4, 32, 32, 3)
+    assert data.labels == ["normal"] * 4
+    assert data.sources == [str(folder)]
+
+
+def test_frames_are_resized_to_the_requested_size(tmp_path: Path) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", size=40, n_train=3, n_val=2)
+    data = load_training_frames([folder], 32)
+    assert data.train.shape[1:] == (32, 32, 3)
+
+
+def test_test_split_and_edge_cases_never_reach_training(tmp_path: Path) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", n_train=5, n_val=2, n_test=4)
+    data = load_training_frames([folder], 32)
+    test, families, _, _ = load_labelled_frames(folder, 32)
+    train_rows = {row.tobytes() for row in data.train} | {row.tobytes() for row in data.val}
+    assert not train_rows & {frame.tobytes() for frame in test}
+    assert "fog" in families
+
+
+def test_plain_folder_is_split_by_seed_deterministically(tmp_path: Path) -> None:
+    folder = write_plain_folder(tmp_path / "frames", 20)
+    a = load_training_frames([folder], 32, seed=1, val_fraction=0.25)
+    b = load_training_frames([folder], 32, seed=1, val_fraction=0.25)
+    c = load_training_frames([folder], 32, seed=2, val_fraction=0.25)
+    assert (len(a.train), len(a.val)) == (15, 5)
+    assert a.fingerprint == b.fingerprint and np.array_equal(a.val, b.val)
+    assert a.fingerprint != c.fingerprint  # another seed, another split
+    assert a.labels is None
+
+
+def test_several_sources_concatenate(tmp_path: Path) -> None:
+    synth = write_tiny_synth(tmp_path / "synth", n_train=6, n_val=2)
+    extra = write_plain_folder(tmp_path / "reviewed", 10, seed=5)
+    data = load_training_frames([synth, extra], 32)
+    assert len(data.train) == 6 + 9 and len(data.val) == 2 + 1
+    assert data.labels == ["normal", "normal", "unlabelled"]
+
+
+def test_max_frames_caps_what_is_read(tmp_path: Path) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", n_train=12, n_val=6)
+    data = load_training_frames([folder], 32, max_frames=4)
+    assert len(data.train) == 4 and 1 <= len(data.val) <= 4
+
+
+def test_no_frames_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no frames found"):
+        load_training_frames([tmp_path / "empty"], 32)
+    with pytest.raises(ValueError, match="not found"):
+        load_training_frames([tmp_path / "missing"], 32)
+    with pytest.raises(ValueError, match="no data sources"):
+        load_training_frames([], 32)
+
+
+def test_labelled_frames_come_from_the_test_split_with_families(tmp_path: Path) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", n_train=4, n_val=2, n_test=3)
+    frames, families, keys, strengths = load_labelled_frames(folder, 32)
+    assert frames.shape == (6, 32, 32, 3)
+    assert sorted(families) == ["fog"] * 3 + ["normal"] * 3
+    assert all(k.startswith("test/") for k in keys)
+    assert strengths.dtype == np.float32
+    assert all((s > 0) == (f == "fog") for s, f in zip(strengths, families, strict=True))
+    frames, families, _, _ = load_labelled_frames(folder, 32, max_per_family=1)
+    assert sorted(families) == ["fog", "normal"]
+
+
+def test_labelled_frames_need_a_labels_file(tmp_path: Path) -> None:
+    folder = write_plain_folder(tmp_path / "frames", 3)
+    with pytest.raises(ValueError, match="labels.csv"):
+        load_labelled_frames(folder, 32)

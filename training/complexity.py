@@ -1,0 +1,89 @@
+"""In-graph estimate of a frame's compressed length L(x), for the complexity-corrected score.
+
+Serrà et al. (ICLR 2020, "Input complexity and out-of-distribution detection with likelihood-based
+generative models") subtract a lossless compressor's code length from -log2 p(x): smooth frames (fog,
+rain haze) that a likelihood model finds "likely" are also cheap to compress, so the difference is
+what the model explains beyond generic image regularity. PNG or FLIF cannot run inside an ONNX graph,
+so this module is a small lossless *predictive coder* in torch ops that export to ONNX:
+
+1. prediction per channel from the causal neighbours left (a), up (b) and up-left (c) with the median
+   edge detector of LOCO-I / JPEG-LS (Weinberger et al. 2000): min(a,b) if c >= max(a,b), max(a,b)
+   if c <= min(a,b), else a + b - c (PNG's Paeth filter is the same idea); outside the frame the
+   neighbours are 0, as in PNG;
+2. residuals coded under a discretised Laplace whose scale grows with the causal local activity
+   g = |a - c| + |b - c| (JPEG-LS uses such gradients as coding contexts): b = s (1 + g / k), with s
+   the closed-form maximum-likelihood fit per frame and channel, s = mean(|r| / (1 + g / k)). The
+   constant k is chosen by the shortest mean code length on normal training frames (a property of
+   the coder, not of any edge case).
+
+The result is a code length in bits/dim of the ideal arithmetic coder for that model. The test
+checks its rank correlation with real PNG sizes (Pillow, compress_level=9) over normal, fog and noise
+frames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LN2 = math.log(2.0)
+
+
+def med_predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MED prediction and causal local activity for x [N, C, H, W] of pixel levels (0..255 floats).
+
+    Returns (prediction, activity) with the input's shape; activity = |a - c| + |b - c| (the
+    gradients the predictor chose between), large at edges where residuals are large too.
+    """
+    padded = F.pad(x, (1, 0, 1, 0))  # zero row on top, zero column on the left: [N, C, H+1, W+1]
+    a = padded[:, :, 1:, :-1]  # left
+    b = padded[:, :, :-1, 1:]  # up
+    c = padded[:, :, :-1, :-1]  # up-left
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    pred = torch.where(c >= hi, lo, torch.where(c <= lo, hi, a + b - c))
+    activity = (a - c).abs() + (b - c).abs()
+    return pred, activity
+
+
+def laplace_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """-log2 P(r) for integer residuals r under a Laplace(0, scale) discretised to unit bins.
+
+    P(0) = 1 - exp(-1/(2b)); P(r != 0) = exp(-(|r| - 1/2)/b) (1 - exp(-1/b)) / 2.
+    """
+    b = scale.clamp(min=0.05)
+    absr = residual.abs()
+    log_p_zero = torch.log(-torch.expm1(-0.5 / b))
+    log_p_other = math.log(0.5) - (absr - 0.5) / b + torch.log(-torch.expm1(-1.0 / b))
+    log_p = torch.where(absr < 0.5, log_p_zero, log_p_other)
+    return -log_p / _LN2
+
+
+class ComplexityCoder(nn.Module):
+    """uint8 NHWC frames -> (code length in bits/dim [N], bits per pixel map summed over channels [N,H,W]).
+
+    ``activity_scale`` sets how fast the Laplace scale grows with local activity (in grey levels);
+    8 works well on 64 px road frames and is not tuned on any edge case.
+    """
+
+    def __init__(self, activity_scale: float = 8.0):
+        super().__init__()
+        self.activity_scale = activity_scale
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = frames.permute(0, 3, 1, 2).float()  # [N, 3, H, W] in 0..255
+        pred, activity = med_predict(x)
+        residual = x - pred
+        shape = 1.0 + activity / self.activity_scale
+        # closed-form ML scale of a Laplace with per-pixel scale s * shape: s = mean(|r| / shape)
+        s = (residual.abs() / shape).mean(dim=(2, 3), keepdim=True)
+        bits = laplace_bits(residual, s * shape)  # [N, 3, H, W]
+        bits_map = bits.sum(dim=1)
+        return bits.flatten(1).mean(dim=1), bits_map
+
+
+def compressed_bits_per_dim(frames: torch.Tensor) -> torch.Tensor:
+    """Convenience: L(x) in bits/dim [N] for uint8 NHWC frames."""
+    return ComplexityCoder()(frames)[0]

@@ -1,0 +1,337 @@
+"""Training loop of the VAE: Adam on the negative ELBO, early stopping on validation bits/dim.
+
+Read top to bottom: config -> data -> network -> epochs (train, validate, checkpoint, keep the best)
+-> plots -> calibration. The run directory layout is in training/runs.py.
+
+Defaults fit the issue's budget, 8,000 frames of 64x64 in at most 10 minutes on 2 CPU cores:
+width 32, latent 64, batch 64 take about 30 s an epoch there, and ``max_minutes`` stops the loop
+cleanly (after the epoch in progress) so loading, plots and calibration fit in the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from training import runs
+from training.data import (
+    TrainingData,
+    fingerprint_frames,
+    is_labelled_folder,
+    load_labelled_frames,
+    load_training_frames,
+)
+from training.plots import plot_losses, plot_tsne, save_image_grid
+from training.vae import VAE, nats_to_bits_per_dim, to_uint8_frames, to_unit_range
+
+log = logging.getLogger(__name__)
+
+DRY_RUN_FRAMES = 8
+
+
+@dataclass
+class VAEConfig:
+    """Everything that decides a VAE run; saved resolved in config.json and model.pt."""
+
+    size: int = 64
+    width: int = 32
+    depth: int | None = None  # None: stride-2 stages down to 4x4
+    latent_dim: int = 64
+    batch_size: int = 64
+    epochs: int = 40
+    lr: float = 2e-3
+    beta: float = 1.0  # KL weight (1 = the ELBO; Higgins et al. 2017 for beta != 1)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # autocast, CUDA only
+    patience: int = 5
+    max_minutes: float | None = 8.0
+    dry_run: bool = False
+    num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        """Build from a saved config, ignoring keys that are not config fields (data, versions...)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Run control that a resumed run may change; everything else comes from the saved config.
+_RESUMABLE_FIELDS = ("epochs", "patience", "max_minutes", "device", "amp", "num_workers")
+
+
+def _noise_data(cfg: VAEConfig) -> TrainingData:
+    """Seeded noise frames so a dry run works without any data."""
+    rng = np.random.default_rng(cfg.seed)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 2, cfg.size, cfg.size, 3), dtype=np.uint8)
+    return TrainingData(frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:], [], fingerprint_frames(frames))
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    """bfloat16 autocast on CUDA when asked (no loss scaling needed); a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate_vae(
+    vae: VAE, frames: npt.NDArray[np.uint8], device: torch.device, batch_size: int = 256, amp: bool = False
+) -> dict[str, float]:
+    """Mean -ELBO bits/dim (z = mu, deterministic), reconstruction and KL parts, on ``frames``."""
+    vae.eval()
+    dims = 3 * vae.size * vae.size
+    total = recon_sum = kl_sum = 0.0
+    for idx in _batches(len(frames), batch_size, None):
+        x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
+        with _autocast(device, amp):
+            recon, kl, _ = vae.elbo_terms(x, sample=False)
+        recon_sum += float(nats_to_bits_per_dim(recon, dims).sum())
+        kl_sum += float(nats_to_bits_per_dim(kl, dims).sum())
+    total = recon_sum + kl_sum
+    n = max(1, len(frames))
+    return {"val_bpd": total / n, "val_recon_bpd": recon_sum / n, "val_kl_bpd": kl_sum / n}
+
+
+def _train_epoch(
+    vae: VAE,
+    opt: torch.optim.Optimizer,
+    frames: npt.NDArray[np.uint8],
+    cfg: VAEConfig,
+    device: torch.device,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over the training frames in a seeded order (seed + epoch: resumable exactly)."""
+    vae.train()
+    dims = 3 * cfg.size * cfg.size
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    batches = _batches(len(frames), cfg.batch_size, gen)
+    if cfg.dry_run:
+        batches = batches[:1]
+    loss_sum = recon_sum = kl_sum = 0.0
+    seen = 0
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+    for idx in bar:
+        x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
+        with _autocast(device, cfg.amp):
+            recon, kl, _ = vae.elbo_terms(x, sample=True)
+        # -ELBO with a KL weight, per dim so the learning rate does not depend on the image size
+        loss = nats_to_bits_per_dim(recon + cfg.beta * kl, dims).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}; try a lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = len(idx)
+        seen += n
+        loss_sum += float(loss.detach()) * n
+        recon_sum += float(nats_to_bits_per_dim(recon.detach(), dims).sum())
+        kl_sum += float(nats_to_bits_per_dim(kl.detach(), dims).sum())
+        bar.set_postfix(bpd=f"{loss_sum / seen:.3f}")
+    bar.close()
+    return {"train_bpd": loss_sum / seen, "train_recon_bpd": recon_sum / seen, "train_kl_bpd": kl_sum / seen}
+
+
+@torch.no_grad()
+def write_plots(
+    vae: VAE,
+    run_dir: Path,
+    data: TrainingData,
+    device: torch.device,
+    history: list[dict[str, Any]],
+    *,
+    tsne: bool,
+    seed: int = 0,
+) -> None:
+    """loss.png every epoch; reconstructions and samples; t-SNE of val latents at the end."""
+    plots = run_dir / runs.PLOTS
+    plot_losses(history, plots / "loss.png")
+    vae.eval()
+    originals = data.val[:8]
+    x = to_unit_range(torch.from_numpy(originals).to(device))
+    recon = to_uint8_frames(vae.decode(vae.encode(x)[0])).cpu().numpy()
+    save_image_grid(
+        np.concatenate([originals, recon]), plots / "reconstructions.png", nrow=len(originals), scale=2
+    )
+    samples = to_uint8_frames(vae.sample(32, torch.Generator().manual_seed(seed))).cpu().numpy()
+    save_image_grid(samples, plots / "samples.png", nrow=8, scale=2)
+    if tsne:
+        frames, labels = _tsne_frames(data, seed)
+        latents = torch.cat(
+            [
+                vae.encode(to_unit_range(torch.from_numpy(frames[i : i + 256]).to(device)))[0].float().cpu()
+                for i in range(0, len(frames), 256)
+            ]
+        )
+        plot_tsne(latents.numpy(), labels, plots / "tsne.png", seed=seed, title="t-SNE of posterior means")
+
+
+def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], list[str]]:
+    """Val normals (up to 1,000) plus, from a labelled source, up to 60 test frames per family."""
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(data.val), min(1000, len(data.val)), replace=False))
+    frames = [data.val[keep]]
+    labels = [data.labels[i] for i in keep] if data.labels is not None else ["val"] * len(keep)
+    for source in data.sources:
+        if not is_labelled_folder(source):
+            continue
+        try:
+            test, families, _, _ = load_labelled_frames(source, data.val.shape[1], max_per_family=60)
+        except ValueError as exc:
+            log.info("t-SNE without test frames of %s: %s", source, exc)
+            continue
+        anomalous = np.array([f != "normal" for f in families])
+        frames.append(test[anomalous])
+        labels += [f for f in families if f != "normal"]
+    return np.concatenate(frames), labels
+
+
+def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8]) -> None:
+    try:
+        from training.calibrate import calibrate_run
+    except ImportError:
+        log.info("training.calibrate not available: skipping calibration")
+        return
+    try:
+        calibrate_run(run_dir, val)
+    except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
+        log.exception("calibration of %s failed; the trained model is kept", run_dir)
+
+
+def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, vae: VAE) -> dict[str, Any]:
+    return {
+        "kind": "vae",
+        **asdict(cfg),
+        "depth": vae.depth,
+        "resolved_device": str(device),
+        "data": data.sources,
+        "data_fingerprint": data.fingerprint,
+        "n_train": int(len(data.train)),
+        "n_val": int(len(data.val)),
+        "versions": runs.package_versions(),
+    }
+
+
+def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resume: bool = False) -> Path:
+    """Train (or resume) a VAE run in ``out_dir`` and return the run directory.
+
+    Writes config.json, history.jsonl, checkpoint.pt every epoch, model.pt whenever validation
+    bits/dim improve, the plots, and (if training.calibrate exists) calibration of every head.
+    """
+    run_dir = runs.create_run_dir(out_dir, resume=resume)
+    if resume:
+        saved = runs.load_config(run_dir)
+        overrides = {k: getattr(cfg, k) for k in _RESUMABLE_FIELDS}
+        cfg = VAEConfig.from_dict({**saved, **overrides})
+        data_sources = list(saved["data"]) or data_sources
+    device = runs.resolve_device(cfg.device)
+    runs.seed_everything(cfg.seed, deterministic=device.type == "cpu")
+
+    if cfg.dry_run and not data_sources:
+        data = _noise_data(cfg)
+    else:
+        limit = DRY_RUN_FRAMES if cfg.dry_run else None
+        data = load_training_frames(data_sources, cfg.size, seed=cfg.seed, max_frames=limit)
+    if resume and data.fingerprint != saved.get("data_fingerprint"):
+        log.warning("data changed since the run started (fingerprint differs); resuming anyway")
+
+    vae = VAE(size=cfg.size, width=cfg.width, depth=cfg.depth, latent_dim=cfg.latent_dim).to(device)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    config = _resolved_config(cfg, data, device, vae)
+    start_epoch, best_val, since_best, history = 1, math.inf, 0, []
+    if resume:
+        ckpt = runs.load_checkpoint(run_dir, map_location=device)
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        runs.set_rng_state(ckpt["rng"])
+        start_epoch, best_val, since_best = ckpt["epoch"] + 1, ckpt["best_val"], ckpt["since_best"]
+        history = ckpt["history"]
+        runs.write_history(run_dir, history)
+        config["data_fingerprint_at_start"] = saved.get("data_fingerprint")
+        log.info("resuming %s after epoch %d (best val %.4f bits/dim)", run_dir, ckpt["epoch"], best_val)
+    runs.save_config(run_dir, config)
+    log.info(
+        "VAE %dpx width %d depth %d latent %d: %d train / %d val frames on %s",
+        cfg.size, cfg.width, vae.depth, cfg.latent_dim, len(data.train), len(data.val), device,
+    )  # fmt: skip
+
+    started = time.monotonic()
+    last_epoch = 1 if cfg.dry_run else cfg.epochs
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, last_epoch + 1):
+        t0 = time.monotonic()
+        record: dict[str, Any] = {"epoch": epoch}
+        record |= _train_epoch(vae, opt, data.train, cfg, device, epoch)
+        record |= evaluate_vae(vae, data.val, device, amp=cfg.amp)
+        record["seconds"] = round(time.monotonic() - t0, 2)
+        history.append(record)
+        runs.append_history(run_dir, record)
+        improved = record["val_bpd"] < best_val
+        if improved:
+            best_val, since_best = record["val_bpd"], 0
+            runs.save_model(
+                run_dir, "vae", config, vae.state_dict(), arch=vae.config(), epoch=epoch, val_bpd=best_val
+            )
+        else:
+            since_best += 1
+        runs.save_checkpoint(
+            run_dir,
+            {
+                "model": vae.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "best_val": best_val,
+                "since_best": since_best,
+                "history": history,
+                "rng": runs.rng_state(),
+            },
+        )
+        write_plots(vae, run_dir, data, device, history, tsne=False, seed=cfg.seed)
+        log.info(
+            "epoch %d: train %.4f, val %.4f bits/dim%s (%.1fs)",
+            epoch, record["train_bpd"], record["val_bpd"], " (best)" if improved else "", record["seconds"],
+        )  # fmt: skip
+        if since_best >= cfg.patience:
+            log.info("early stop: no val improvement for %d epochs", cfg.patience)
+            break
+        if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
+            log.info("time budget of %.1f min reached after epoch %d", cfg.max_minutes, epoch)
+            break
+
+    if not (run_dir / runs.MODEL).is_file():
+        raise RuntimeError(f"no epoch finished in {run_dir}; nothing to save")
+    from training.vae_heads import load_vae
+
+    best, _ = load_vae(run_dir)
+    best.to(device)
+    write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
+    if cfg.dry_run:
+        _check_heads(run_dir, data.val[:2])
+    _calibrate(run_dir, data.val)
+    log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
+    return run_dir
+
+
+def _check_heads(run_dir: Path, frames: npt.NDArray[np.uint8]) -> None:
+    """Dry run: build every VAE head from the run dir and score a batch (catches export-side breakage)."""
+    from training.vae_heads import VAE_HEAD_BUILDERS
+
+    batch = torch.from_numpy(frames)
+    with torch.no_grad():
+        for name, build in VAE_HEAD_BUILDERS.items():
+            out = build(run_dir)(batch)
+            score = out[0] if isinstance(out, tuple) else out
+            if score.shape != (len(frames),) or not torch.isfinite(score).all():
+                raise RuntimeError(f"head {name} returned {tuple(score.shape)} / non-finite scores")
