@@ -4,8 +4,10 @@
 readers in ``contract.readers`` get back exactly the same keys and pixels (docs/architecture.md,
 "Data on disk"). Every file is written under a temporary name in its final folder and moved into
 place with ``os.replace``: a crash leaves at most a ``.tmp`` file, never a half-written shard or PNG
-under its real name. PNGs use compress level 1 because generation must reach thousands of
-frames/s and zlib at higher levels would dominate the cost.
+under its real name (no fsync: this guards against a killed process, not a power cut). PNGs use
+compress level 1 because generation must reach thousands of frames/s and zlib at higher levels
+would dominate the cost. On this machine the ``dir`` format is bound by file creation (roughly
+1,000-1,700 files/s whatever the writer does); tar and Parquet write 6,000+ frames/s at 64x64.
 """
 
 from __future__ import annotations
@@ -85,8 +87,14 @@ class DirWriter:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(final.parent)
         tmp = _tmp_name(final)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+        # Raw os.open/os.write: per-file overhead dominates small PNGs, and file objects add to it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
         return f"{key}.png"
 
