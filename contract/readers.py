@@ -191,9 +191,11 @@ class _Reader:
             yield frame
 
     def read_folder(self, root: Path) -> Iterator[Frame]:
-        labels = _folder_labels(root, self.report)
+        labels: dict[str, dict[str, Any]] | None = None  # loaded at the first loose image
         for relative, path, kind in _walk_folder(root):
             if kind == "image":
+                if labels is None:
+                    labels = _folder_labels(root, self.report)
                 key = relative.rsplit(".", 1)[0]
                 yield from self.read_image_file(path, key, dict(labels.get(key, {})))
             elif kind == "tar":

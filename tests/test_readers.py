@@ -158,6 +158,23 @@ def test_folder_labels_give_loose_images_their_meta(tmp_path: Path) -> None:
     assert frame.meta == {"family": "deer", "split": "test", "strength": 0.0}
 
 
+def test_a_broken_labels_file_is_reported_but_images_are_still_read(tmp_path: Path) -> None:
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("path,split\na.png,test\n")
+    report = ReadReport()
+    (frame,) = iter_frames(tmp_path, report=report)
+    assert frame.meta == {} and report.ok == 1 and report.failed_sources == 1
+    assert "missing column 'family'" in report.errors[0][2]
+
+
+def test_labels_of_shard_folders_are_not_needed_to_read_them(tmp_path: Path) -> None:
+    _synth_like(tmp_path, "tar")
+    (tmp_path / "labels.csv").write_text("broken")
+    report = ReadReport()
+    assert len(list(iter_frames(tmp_path, report=report))) == 7
+    assert report.errors == []
+
+
 def test_size_resizes_every_frame_by_the_one_rule(tmp_path: Path) -> None:
     _synth_like(tmp_path, "tar")
     frames = list(iter_frames(tmp_path / "test-00000.tar", size=6))
