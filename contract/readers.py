@@ -274,6 +274,10 @@ class _Reader:
                 if frame is not None:
                     yield frame
 
+    def read_all(self, paths: list[Path]) -> Iterator[Frame]:
+        for path in paths:
+            yield from self.read_source(path)
+
     def read_source(self, path: Path) -> Iterator[Frame]:
         if path.is_dir():
             yield from self.read_folder(path)
@@ -359,13 +363,14 @@ def iter_frames(
     key_column: str = "key",
     image_column: str = "image",
 ) -> Iterator[Frame]:
-    """Yield every decodable frame of ``sources`` in a deterministic order.
+    """Iterate over every decodable frame of ``sources`` in a deterministic order.
 
     ``sources``: a folder, ``.tar``, ``.parquet`` or image file, or a list of them (read in the
     order given). ``size`` resizes by the one rule (``contract.frames.resize_frame``); ``keys``
     keeps only frames whose key is in it (e.g. one split from labels.csv); ``report`` collects
-    counts and errors. Raises ``FileNotFoundError`` for a source that does not exist (a typo
-    should stop a run; bad data inside a source should not).
+    counts and errors. Arguments are checked at the call, not at the first ``next``: raises
+    ``FileNotFoundError`` for a source that does not exist (a typo should stop a run; bad data
+    inside a source should not).
     """
     paths = _as_paths(sources)
     for path in paths:
@@ -375,9 +380,10 @@ def iter_frames(
             raise ValueError(f"{path}: not a folder, .tar, .parquet or image file")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size must be a positive integer or None, got {size!r}")
-    reader = _Reader(size, report or ReadReport(), keys, max_pixels, key_column, image_column)
-    for path in paths:
-        yield from reader.read_source(path)
+    reader = _Reader(
+        size, report if report is not None else ReadReport(), keys, max_pixels, key_column, image_column
+    )
+    return reader.read_all(paths)
 
 
 def count_frames(sources: Source | Sequence[Source]) -> int:

@@ -325,10 +325,12 @@ def test_unreadable_parquet_is_reported_and_reading_continues(tmp_path: Path) ->
 
 def test_a_missing_source_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
-        list(iter_frames(tmp_path / "nope"))
+        iter_frames([tmp_path, tmp_path / "nope"])  # checked at the call, before any reading
     (tmp_path / "data.csv").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
-        list(iter_frames(tmp_path / "data.csv"))
+        iter_frames(tmp_path / "data.csv")
+    with pytest.raises(ValueError, match="size"):
+        iter_frames(tmp_path, size=0)
 
 
 def test_frames_are_plain_dataclasses(tmp_path: Path) -> None:
