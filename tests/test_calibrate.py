@@ -1,0 +1,108 @@
+"""Calibration on held-out normals: threshold at a target false-positive rate, conformal p-values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.calibrate import calibrate_scores, load_calibration, p_value, save_calibration
+
+
+def test_p_value_is_one_plus_the_count_of_calibration_scores_at_least_as_high_over_n_plus_one() -> None:
+    calibration = [1.0, 2.0, 3.0, 4.0]
+    got = p_value([0.0, 2.0, 2.5, 4.0, 9.0], calibration)
+    np.testing.assert_allclose(got, [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5])  # ties count as "at least"
+
+
+def test_p_value_does_not_depend_on_the_order_of_calibration_scores() -> None:
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(size=500)
+    scores = rng.normal(size=50)
+    brute = [(1 + np.sum(calibration >= s)) / 501 for s in scores]
+    np.testing.assert_allclose(p_value(scores, rng.permutation(calibration)), brute)
+
+
+def test_p_values_of_fresh_normals_are_uniform_enough() -> None:
+    rng = np.random.default_rng(1)
+    p = p_value(rng.normal(size=20000), rng.normal(size=999))
+    assert abs(np.mean(p <= 0.05) - 0.05) < 0.01  # valid: P(p <= a) ~ a for exchangeable frames
+
+
+def test_threshold_is_the_inverted_cdf_quantile() -> None:
+    cal = calibrate_scores(np.arange(100.0)[::-1], target_fpr=0.01)
+    assert cal.threshold == 98.0 and cal.n == 100  # exactly 1 of 100 normals (99) exceeds it
+    assert calibrate_scores(np.arange(100.0), target_fpr=0.05).threshold == 94.0
+
+
+@pytest.mark.parametrize("n", [1, 7, 37, 100, 1001])
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
+def test_at_most_the_target_fpr_of_calibration_normals_exceed_the_threshold(n: int, fpr: float) -> None:
+    scores = np.random.default_rng(n).normal(size=n)
+    cal = calibrate_scores(scores, target_fpr=fpr)
+    exceed = np.mean(scores > cal.threshold)
+    assert exceed <= fpr + 1e-12
+    assert exceed > fpr - 1.0 / n - 1e-12  # and not needlessly conservative
+
+
+def test_quantiles_and_scores_are_stored_sorted() -> None:
+    cal = calibrate_scores([3.0, 1.0, 2.0], target_fpr=0.5)
+    assert cal.scores == [1.0, 2.0, 3.0]
+    assert cal.quantiles["0.5"] == 2.0 and cal.quantiles["0.999"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("scores", "fpr", "message"),
+    [
+        ([], 0.01, "at least one"),
+        ([1.0, float("nan")], 0.01, "finite"),
+        ([1.0], 0.0, "target_fpr"),
+        ([1.0], 1.0, "target_fpr"),
+    ],
+)
+def test_bad_input_is_a_clear_error(scores: list[float], fpr: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        calibrate_scores(scores, target_fpr=fpr)
+
+
+def test_calibration_file_round_trips(tmp_path: Path) -> None:
+    cal = calibrate_scores(np.linspace(0, 1, 11), target_fpr=0.1, head="vae-elbo")
+    path = save_calibration(tmp_path, cal)
+    assert path == tmp_path / "calibration" / "vae-elbo.json"
+    data = json.loads(path.read_text())
+    assert set(data) == {"head", "target_fpr", "threshold", "n", "scores", "quantiles"}
+    assert load_calibration(tmp_path, "vae-elbo") == cal
+    with pytest.raises(FileNotFoundError, match="no calibration for head 'gan-disc'"):
+        load_calibration(tmp_path, "gan-disc")
+
+
+def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
+
+    from training.calibrate import calibrate_run, score_frames
+    from training.graphs import build_score_graph
+
+    run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
+    val = normal_frames(30, seed=21)
+    result = calibrate_run(run, val, heads=["gan-disc", "gan-patch"], target_fpr=0.1)
+    assert set(result) == {"gan-disc", "gan-patch"}
+    for head, cal in result.items():
+        saved = json.loads((run / "calibration" / f"{head}.json").read_text())
+        assert saved["n"] == 30 and saved["target_fpr"] == 0.1 and saved["head"] == head
+        expected = np.sort(score_frames(build_score_graph(run, head), val, batch_size=7))
+        np.testing.assert_allclose(saved["scores"], expected, rtol=1e-6)
+        assert np.mean(expected > cal.threshold) <= 0.1
+
+
+def test_calibrate_run_rejects_an_unknown_head(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
+
+    from training.calibrate import calibrate_run
+
+    run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
+    with pytest.raises(ValueError, match="unknown score head 'vae-elbo'"):
+        calibrate_run(run, normal_frames(4), heads=["vae-elbo"])

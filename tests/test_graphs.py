@@ -1,0 +1,252 @@
+"""The score-head registry, the position-aware patch head and the combined head.
+
+Graphs take uint8 NHWC frames and return a score [N] (and an anomaly map [N, H, W]); the local and
+combined heads must export to ONNX (opset 17, dynamic batch) and agree with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from eval_helpers import edge_frames, normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
+from torch import nn  # noqa: E402
+
+from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies  # noqa: E402
+from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
+from training.local_heads import (  # noqa: E402
+    PatchDistanceGraph,
+    PatchFeatures,
+    build_bank,
+    early_layers,
+    greedy_coreset,
+)
+
+
+def write_config(run_dir: Path, kind: str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"kind": kind, "size": 32}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gan")
+    data = write_labelled_folder(root / "data")
+    return write_tiny_gan_run(root / "run", data)
+
+
+def tiny_patch_graph(train: np.ndarray, bank_size: int = 16) -> PatchDistanceGraph:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2))
+    features = PatchFeatures(backbone, channels=8, dim=8)
+    bank, grid = build_bank(features, train, bank_size=bank_size, radius=1)
+    return PatchDistanceGraph(features, bank, grid).eval()
+
+
+def export_and_run(graph: nn.Module, frames: np.ndarray, path: Path) -> list[np.ndarray]:
+    """Export at batch 2 with a dynamic batch axis, then run onnxruntime on ``frames``."""
+    example = torch.from_numpy(frames[:2].copy())
+    with torch.no_grad():
+        out = graph(example)
+    names = ["score", "anomaly_map"][: len(out) if isinstance(out, tuple) else 1]
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns about its own deprecation; that is torch's business, not ours.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=["frames"],
+            output_names=names,
+            dynamic_axes={"frames": {0: "N"}, **{n: {0: "N"} for n in names}},
+            opset_version=17,
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"frames": frames})
+
+
+def assert_parity(graph: nn.Module, frames: np.ndarray, tmp_path: Path) -> None:
+    for batch in (1, 5):
+        with torch.no_grad():
+            ref = graph(torch.from_numpy(frames[:batch].copy()))
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = export_and_run(graph, frames[:batch], tmp_path / f"g{batch}.onnx")
+        assert len(got) == len(ref)
+        for r, g in zip(ref, got, strict=True):
+            assert g.shape == tuple(r.shape)
+            np.testing.assert_allclose(g, r.numpy(), rtol=1e-4, atol=1e-5 * float(np.abs(r.numpy()).max()))
+
+
+# -- registry ----------------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_heads_of_the_runs_kind(tmp_path: Path) -> None:
+    vae = available_heads(write_config(tmp_path / "v", "vae"))
+    gan = available_heads(write_config(tmp_path / "g", "gan"))
+    assert {"vae-elbo", "vae-recon", "vae-iwae", "vae-complexity", "vae-patch", "vae-combo"} <= set(vae)
+    assert {"gan-disc", "gan-feat", "gan-patch", "gan-combo"} <= set(gan)
+    assert not any(h.startswith("gan-") for h in vae) and not any(h.startswith("vae-") for h in gan)
+
+
+def test_unknown_head_is_rejected_with_the_valid_names(gan_run: Path) -> None:
+    with pytest.raises(ValueError, match="unknown score head 'vae-elbo'.*valid: .*gan-disc"):
+        build_score_graph(gan_run, "vae-elbo")
+    with pytest.raises(ValueError, match="unknown score head 'nope'"):
+        head_info("nope")
+
+
+def test_a_folder_without_a_run_or_with_a_strange_kind_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        available_heads(tmp_path)
+    with pytest.raises(ValueError, match="unknown run kind 'diffusion'"):
+        available_heads(write_config(tmp_path / "d", "diffusion"))
+
+
+def test_head_info_describes_each_head() -> None:
+    patch = head_info("gan-patch")
+    assert patch.kind == "gan" and patch.has_map and "nearest-neighbour" in patch.definition
+    assert head_info("vae-elbo").kind == "vae"
+    assert callable(head_info("vae-combo").builder)
+
+
+def test_the_default_head_of_each_kind_is_a_registered_head(tmp_path: Path) -> None:
+    for kind in ("vae", "gan"):
+        assert default_head(kind) in available_heads(write_config(tmp_path / kind, kind))
+    with pytest.raises(ValueError, match="unknown run kind"):
+        default_head("flow")
+
+
+# -- patch head --------------------------------------------------------------------------------------
+
+
+def test_greedy_coreset_covers_every_cluster() -> None:
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(50, 2) for c in centres])[None]  # one location
+    chosen = points[0, greedy_coreset(points, 3)[0]]
+    nearest = torch.cdist(centres, chosen).min(dim=1).values
+    assert torch.all(nearest < 1.0)
+
+
+def test_early_layers_stop_before_the_next_conv() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 3)
+    )
+    layers, channels = early_layers(net, 2)
+    assert channels == 6 and len(layers) == 5
+    with pytest.raises(ValueError, match="only 3 conv layers"):
+        early_layers(net, 4)
+
+
+def test_patch_head_finds_a_small_object_and_maps_where_it_is() -> None:
+    train = normal_frames(40, seed=3)
+    graph = tiny_patch_graph(train)
+    normal = normal_frames(12, seed=4)
+    blobs = edge_frames("blob", 12, seed=5)
+    with torch.no_grad():
+        s_normal, _ = graph(torch.from_numpy(normal))
+        s_blob, maps = graph(torch.from_numpy(blobs))
+    assert s_blob.min() > s_normal.max()  # a 4-pixel square among 1024 pixels is found every time
+    assert maps.shape == (12, 32, 32)
+    peak_rows, peak_cols = np.unravel_index(maps.flatten(1).argmax(1).numpy(), (32, 32))
+    for frame, r, c in zip(blobs, peak_rows, peak_cols, strict=True):
+        magenta = np.argwhere((frame == (255, 0, 255)).all(-1))
+        assert np.abs(magenta - (r, c)).max(axis=1).min() <= 3
+
+
+def test_patch_head_is_position_aware() -> None:
+    """Road-grey in the sky is anomalous although road-grey is normal lower down."""
+    train = normal_frames(40, seed=3)
+    graph = tiny_patch_graph(train)
+    odd = normal_frames(8, seed=6)
+    odd[:, 2:8, 10:18] = odd[:, 26:32, 10:18]  # a patch of road pasted into the sky
+    with torch.no_grad():
+        s_normal, _ = graph(torch.from_numpy(normal_frames(8, seed=4)))
+        s_odd, _ = graph(torch.from_numpy(odd))
+    assert s_odd.min() > s_normal.max()
+
+
+def test_patch_head_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
+    graph = tiny_patch_graph(normal_frames(24, seed=3))
+    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path)
+
+
+def test_run_patch_head_caches_its_bank(gan_run: Path) -> None:
+    graph = build_score_graph(gan_run, "gan-patch")
+    bank = gan_run / "banks" / "gan-patch.pt"
+    assert bank.is_file()
+    again = build_score_graph(gan_run, "gan-patch")
+    frames = torch.from_numpy(normal_frames(3, seed=9))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(frames), again(frames))
+
+
+# -- combined head -----------------------------------------------------------------------------------
+
+
+class Constant(nn.Module):
+    """A toy head: score = mean pixel value times a factor (plus a map when asked)."""
+
+    def __init__(self, factor: float, with_map: bool = False) -> None:
+        super().__init__()
+        self.factor, self.with_map = factor, with_map
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = frames.float()
+        score = x.mean(dim=(1, 2, 3)) * self.factor
+        return (score, x.mean(dim=3)) if self.with_map else score
+
+
+def test_combine_rules() -> None:
+    z = np.array([[1.0, 3.0, 2.0], [0.0, -1.0, 0.5]])
+    np.testing.assert_allclose(combine(z, "max"), [3.0, 0.5])
+    np.testing.assert_allclose(combine(z, "mean"), [2.0, -0.5 / 3])
+    np.testing.assert_allclose(combine(z, "top2"), [2.5, 0.25])
+    np.testing.assert_allclose(combine(torch.tensor(z), "top2").numpy(), [2.5, 0.25])
+    with pytest.raises(ValueError, match="unknown combination rule"):
+        combine(z, "median")
+
+
+def test_rule_selection_prefers_max_when_one_head_sees_each_anomaly() -> None:
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(200, 2))
+    pseudo = rng.normal(size=(200, 2))
+    pseudo[:100, 0] += 6  # half the anomalies only head 0 sees, half only head 1
+    pseudo[100:, 1] += 6
+    rule, by_rule, per_component = choose_rule(normal, pseudo)
+    assert rule == "max" and by_rule["max"] > by_rule["mean"]
+    assert len(per_component) == 2
+
+
+def test_pseudo_anomalies_change_a_patch_of_each_frame() -> None:
+    frames = normal_frames(20, seed=1)
+    out = pseudo_anomalies(frames, normal_frames(5, seed=2), seed=0)
+    changed = (out != frames).any(-1).sum(axis=(1, 2))
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert (changed > 0).sum() >= 18 and changed.max() < 32 * 32 / 2
+
+
+def test_combo_graph_standardises_and_combines(tmp_path: Path) -> None:
+    combo = ComboGraph([Constant(1.0), Constant(2.0, with_map=True)], [10.0, 20.0], [2.0, 4.0], "mean")
+    frames = torch.full((3, 4, 4, 3), 14, dtype=torch.uint8)
+    score, amap = combo(frames)
+    torch.testing.assert_close(score, torch.full((3,), 2.0))  # z = (14-10)/2 = 2 and (28-20)/4 = 2
+    assert amap.shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="one center and one scale"):
+        ComboGraph([Constant(1.0)], [0.0, 1.0], [1.0], "max")
+
+
+def test_run_combo_head_builds_records_its_choice_and_exports(gan_run: Path, tmp_path: Path) -> None:
+    graph = build_score_graph(gan_run, "gan-combo")
+    record = json.loads((gan_run / "banks" / "gan-combo.json").read_text())
+    assert record["rule"] in ("max", "mean", "top2") and "gan-patch" in record["components"]
+    assert set(record["pseudo_auroc_by_rule"]) == {"max", "mean", "top2"}
+    assert_parity(graph, edge_frames("fog", 5, seed=8), tmp_path)
