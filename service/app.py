@@ -1,0 +1,179 @@
+"""The FastAPI app factory: `create_app(settings)` builds routes; the lifespan builds every resource.
+
+Nothing is created at import. At startup the lifespan makes the metrics, the model registry and pool,
+and the flagged store, then loads and warms the models *in the background*: `/healthz` answers at once,
+`/readyz` and `/score` answer 503 until the default model is warm. A poller then looks for new versions
+every `reload_poll_s` seconds (`POST /admin/reload` does the same on demand). On shutdown, queued
+requests finish before the worker threads stop.
+
+Run it with `edgecase serve` or `uvicorn service.app:create_app --factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgecase import __version__
+from service.auth import require_api_key
+from service.decoding import ScoreJSONRequest
+from service.errors import error_responses, install_error_handlers
+from service.metrics import Metrics, mark_process_dead
+from service.registry import ModelRegistry
+from service.routes import ops, score
+from service.scorer import ModelPool
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; resources come later, in the lifespan. Settings default to the environment."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="edgecase scoring service",
+        version=__version__,
+        summary="Score driving frames with generative models; keep the rare ones.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.include_router(ops.router)
+    app.include_router(score.router)
+    _include_flagged_routes(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _include_flagged_routes(app: FastAPI) -> None:
+    try:
+        from service.routes import flagged
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.routes.flagged":
+            raise
+        log.warning("service.routes.flagged is not installed: no /flagged routes")
+        return
+    app.include_router(
+        flagged.router, dependencies=[Depends(require_api_key)], responses=error_responses(401)
+    )
+
+
+def _open_store(settings: Settings) -> Any:
+    try:
+        from service.flagged import FlaggedStore
+    except ModuleNotFoundError as exc:
+        if exc.name != "service.flagged":
+            raise
+        log.warning("service.flagged is not installed: edge cases are scored but not stored")
+        return None
+    return FlaggedStore(settings.flagged_dir)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    _configure_logging(settings.log_level)
+    metrics = Metrics()
+    registry = ModelRegistry(
+        settings.repo, providers=settings.providers, intra_op_threads=settings.intra_op_threads
+    )
+    log.info("onnxruntime execution providers: %s (repo %s)", ", ".join(registry.providers), settings.repo)
+    pool = ModelPool(registry, settings, metrics)
+    store = _open_store(settings)
+    app.state.metrics, app.state.pool, app.state.store = metrics, pool, store
+    background = asyncio.create_task(_load_then_poll(pool, settings.reload_poll_s), name="model-loader")
+    try:
+        yield
+    finally:
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
+        await pool.close()
+        if store is not None:
+            store.close()
+        mark_process_dead()
+
+
+async def _load_then_poll(pool: ModelPool, every_s: float) -> None:
+    """Load and warm at startup (off the critical path of /healthz), then poll for new versions."""
+    try:
+        await pool.start()
+    except Exception:
+        log.exception("loading models failed; will retry on the next poll")
+    if every_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await pool.refresh()
+        except Exception:  # a poll must never kill the poller
+            log.exception("model refresh failed; the current versions keep serving")
+
+
+def _configure_logging(level: str) -> None:
+    """Our INFO lines (provider chosen, versions swapped) need a handler; uvicorn sets up only its own."""
+    service_log = logging.getLogger("service")
+    service_log.setLevel(level.upper())
+    if not logging.getLogger().handlers and not service_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        service_log.addHandler(handler)
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template and status and times them (pure ASGI: streams untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics: Metrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                # The route template (/flagged/{id}/image), never the raw path: labels stay few.
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                method = scope["method"]
+                metrics.requests.labels(route=route, method=method, status=str(status)).inc()
+                metrics.request_latency.labels(route=route, method=method).observe(
+                    time.perf_counter() - started
+                )
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's spec plus the JSON request schema, which /score declares by hand (three body types)."""
+    if app.openapi_schema is None:
+        spec = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+        )
+        schema = ScoreJSONRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        components.update(schema.pop("$defs", {}))
+        components["ScoreJSONRequest"] = schema
+        app.openapi_schema = spec
+    return app.openapi_schema

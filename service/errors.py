@@ -1,0 +1,186 @@
+"""The service's exception tree and the one table that maps it to HTTP status codes.
+
+Routes and helpers raise these; `install_error_handlers` turns every one (and FastAPI's own request
+validation and routing errors) into the same JSON body, `ErrorBody`. Anything a client sends ends in a
+4xx with a reason; a 500 means a bug or a broken model on our side, never bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable machine-readable code plus a sentence a person can act on."""
+
+    error: str = Field(description="stable error code, e.g. 'corrupt_frame' or 'queue_full'")
+    detail: str = Field(description="what went wrong, naming the frame, limit or model concerned")
+    frame: str | None = Field(default=None, description="key of the offending frame, when there is one")
+
+
+class ServiceError(Exception):
+    """Base of every error the service answers with a 4xx/5xx; `code` is the ErrorBody.error value."""
+
+    code = "service_error"
+
+    def __init__(self, detail: str, *, frame: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.frame = frame
+        self.headers = headers or {}
+
+
+class BadRequestError(ServiceError):
+    """Well-formed HTTP, unusable content (bad JSON, bad base64, no frames)."""
+
+    code = "bad_request"
+
+
+class CorruptFrameError(BadRequestError):
+    """A frame that does not decode; `frame` names it."""
+
+    code = "corrupt_frame"
+
+
+class PayloadTooLargeError(ServiceError):
+    """Body, frame count or pixel count over the configured limit."""
+
+    code = "too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    code = "unsupported_media_type"
+
+
+class UnauthorizedError(ServiceError):
+    code = "unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFoundError(ServiceError):
+    code = "not_found"
+
+
+class UnknownModelError(NotFoundError):
+    code = "unknown_model"
+
+
+class QueueFullError(ServiceError):
+    """The batcher's bounded queue cannot take these frames now; the client should retry later."""
+
+    code = "queue_full"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class NotReadyError(ServiceError):
+    code = "not_ready"
+
+    def __init__(self, detail: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class InferenceError(ServiceError):
+    """The model failed on a batch: our fault (a broken graph), not the client's."""
+
+    code = "inference_failed"
+
+
+class StoreError(ServiceError):
+    """The flagged store could not make an edge case durable, so the request cannot be acknowledged."""
+
+    code = "store_failed"
+
+
+# The one table. Subclasses are looked up through the MRO, so CorruptFrameError -> 422.
+STATUS_CODES: dict[type[ServiceError], int] = {
+    BadRequestError: 422,
+    UnauthorizedError: 401,
+    NotFoundError: 404,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    QueueFullError: 429,
+    NotReadyError: 503,
+    InferenceError: 500,
+    StoreError: 500,
+    ServiceError: 500,
+}
+
+
+def status_code_of(exc: ServiceError) -> int:
+    """The HTTP status for an exception, from the closest class in STATUS_CODES."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]  # type: ignore[index]
+    return 500
+
+
+def error_response(status: int, code: str, detail: str, **extra: object) -> JSONResponse:
+    body = ErrorBody(error=code, detail=detail, frame=extra.pop("frame", None))  # type: ignore[arg-type]
+    headers = extra.pop("headers", None)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)  # type: ignore[arg-type]
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses=` entries for these statuses, all with the ErrorBody schema."""
+    descriptions = {
+        401: "Missing or wrong API key (send `Authorization: Bearer <key>`)",
+        404: "Unknown model, version or resource",
+        413: "Body, frame count or pixels per frame over the limit",
+        415: "Unsupported Content-Type",
+        422: "Invalid request or a frame that does not decode (the frame is named)",
+        429: "Queue full; retry after the number of seconds in Retry-After",
+        500: "Server-side failure (a broken model), never caused by the request",
+        503: "Models not loaded and warmed yet; retry after Retry-After",
+    }
+    return {s: {"model": ErrorBody, "description": descriptions.get(s, "Error")} for s in statuses}
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = status_code_of(exc)
+    if status >= 500:
+        log.error("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.detail)
+    return error_response(status, exc.code, exc.detail, frame=exc.frame, headers=exc.headers or None)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ())) or 'request'}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()
+    )
+    return error_response(422, "invalid_request", problems or "invalid request")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(
+        exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers=headers
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through ErrorBody so the OpenAPI responses describe what clients really get."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

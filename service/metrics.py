@@ -1,0 +1,160 @@
+"""Every Prometheus metric the service exports, named `edgecase_<what>_<unit>`, in one place.
+
+`Metrics` is built in the app's lifespan (never at import) on its own `CollectorRegistry`, so several
+apps in one test process do not collide. With several worker processes, `edgecase serve` sets
+`PROMETHEUS_MULTIPROC_DIR` before any worker imports prometheus_client; each worker then writes its
+values to files there and `/metrics` merges all of them (`MultiProcessCollector`), so any worker answers
+for the whole server. Gauges declare how they merge (`multiprocess_mode`).
+
+Labels stay low-cardinality: route templates (not raw paths), model name and version, status code.
+The score distribution is exported as conformal p-values (`edgecase_score_p_value`): they are uniform
+on [0, 1] for frames like the calibration normals whatever the model's score units, so drift shows as
+mass piling up near 0 on one shared set of buckets. The raw score is exported too, in multiples of the
+model's threshold (`edgecase_score_threshold_ratio`, 1.0 = the edge-case line).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+P_VALUE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared metrics folder when running with several workers, else None."""
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+class Metrics:
+    """The service's metrics, registered on one registry (pass your own in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "edgecase_http_requests_total",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "edgecase_http_request_duration_seconds",
+            "Time from request start to response end, by route template and method",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "edgecase_queue_wait_seconds",
+            "Time a request's frames wait in the batcher queue before their batch starts",
+            ["model", "version"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "edgecase_inference_duration_seconds",
+            "Time of one session.run on a batch",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "edgecase_batch_size_frames",
+            "Frames per session.run (dynamic batching coalesces concurrent requests)",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edgecase_queue_depth_frames",
+            "Frames waiting in the batcher queue (summed over live workers)",
+            ["model", "version"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.frames_scored = Counter(
+            "edgecase_frames_scored_total",
+            "Frames scored",
+            ["model", "version"],
+            registry=r,
+        )
+        self.frames_flagged = Counter(
+            "edgecase_frames_flagged_total",
+            "Frames at or above the threshold, written to the flagged store",
+            ["model", "version"],
+            registry=r,
+        )
+        self.p_value = Histogram(
+            "edgecase_score_p_value",
+            "Conformal p-value of each frame's score against the calibration normals (uniform when no drift)",
+            ["model", "version"],
+            buckets=P_VALUE_BUCKETS,
+            registry=r,
+        )
+        self.threshold_ratio = Histogram(
+            "edgecase_score_threshold_ratio",
+            "Score divided by the model's threshold (1.0 = edge case line; only for positive thresholds)",
+            ["model", "version"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "edgecase_model_info",
+            "1 for each model version serving, with its head, units and execution provider",
+            ["model", "version", "head", "units", "provider"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.model_threshold = Gauge(
+            "edgecase_model_threshold_score",
+            "Threshold of each serving model version, in its score units",
+            ["model", "version"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "edgecase_model_loads_total",
+            "Model version loads by outcome: loaded (now serving) or refused (kept the old one)",
+            ["model", "outcome"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this process's registry, or every worker's in multiprocess mode."""
+        if multiprocess_dir() is not None:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """Drop this worker's live gauges from the merged view when it exits (multiprocess mode only)."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
+
+
+def reset_multiprocess_dir(path: Path) -> None:
+    """Empty the shared metrics folder before workers start, so old runs' counters do not leak in."""
+    path.mkdir(parents=True, exist_ok=True)
+    for child in path.glob("*.db"):
+        child.unlink()

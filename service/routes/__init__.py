@@ -1,0 +1,39 @@
+"""HTTP routes, kept thin: parse, call the pool/scorer, answer. State comes through these dependencies.
+
+Each dependency reads what the lifespan put on `app.state`, so tests can swap any of them with
+`app.dependency_overrides` and nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from service.errors import NotReadyError
+from service.metrics import Metrics
+from service.scorer import ModelPool
+from service.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_pool(request: Request) -> ModelPool:
+    pool = getattr(request.app.state, "pool", None)
+    if pool is None:
+        raise NotReadyError("the service is starting")
+    return pool  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is None:
+        raise NotReadyError("the service is starting")
+    return metrics  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> Any:
+    """The flagged-frame store, or None when service.flagged is not installed."""
+    return getattr(request.app.state, "store", None)

@@ -1,0 +1,100 @@
+"""The service's one settings object, read from `EDGECASE_*` environment variables.
+
+`edgecase serve` turns its flags into these variables before starting uvicorn, so worker processes
+(which import the app afresh) see the same values. `get_settings()` is the only cached global; the app
+factory takes a `Settings` explicitly so tests never depend on the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "EDGECASE_"
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string for list settings (`a,b` is friendlier in a shell)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the scoring service; defaults suit one CPU machine."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    repo: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/")
+    default_model: str | None = Field(None, description="model served when ?model= is absent; None = first")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+
+    # Dynamic batching, as in Triton's dynamic batcher (max batch size, max queue delay).
+    max_batch_size: int = Field(32, ge=1, description="most frames in one session.run")
+    max_queue_delay_ms: float = Field(2.0, ge=0.0, description="longest wait for a batch to fill up")
+    max_queue_frames: int = Field(1024, ge=1, description="frames waiting per model version before 429")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session; 0 = one per core")
+
+    # Limits on what a client may send (decompression bombs, memory).
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_frames_per_request: int = Field(256, ge=1)
+    max_pixels_per_frame: int = Field(16_000_000, ge=1)
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer tokens for scoring, admin and flagged routes; empty = open"
+    )
+    flagged_dir: Path = Field(Path("flagged"), description="where the flagged-frame store lives")
+    reload_poll_s: float = Field(5.0, ge=0.0, description="poll the repo for new versions; 0 = off")
+    providers: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="onnxruntime execution providers; None = CUDA when available, else CPU"
+    )
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1], description="batch sizes run once before a version serves"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", "providers", "warmup_batch_sizes", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_queue_frames < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_frames ({self.max_queue_frames}) must be at least max_batch_size "
+                f"({self.max_batch_size}), or a full batch could never be queued"
+            )
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as EDGECASE_* variables (what `edgecase serve` exports for its workers)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            env[f"{ENV_PREFIX}{name.upper()}"] = text
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
