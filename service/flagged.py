@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -273,6 +274,9 @@ class FlaggedStore:
                 raise ValueError("a flagged frame needs image bytes, got 0 bytes")
             if not flag.model:
                 raise ValueError("a flagged frame needs a model name")
+            if not (math.isfinite(flag.score) and math.isfinite(flag.p_value)):
+                # A NaN/inf score is a broken model (the service answers 500), not an edge case to review.
+                raise ValueError(f"score and p-value must be finite, got {flag.score} and {flag.p_value}")
             try:
                 metadata_json = json.dumps(dict(flag.metadata), sort_keys=True, allow_nan=False)
             except (TypeError, ValueError) as exc:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def jpeg_bytes(seed: int) -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FlaggedStore:
+def store(tmp_path: Path) -> Iterator[FlaggedStore]:
     with FlaggedStore(tmp_path / "store") as opened:
         yield opened
 
@@ -136,6 +137,8 @@ def test_bad_input_is_refused_with_a_clear_error(store: FlaggedStore) -> None:
         store.add(b"", model="m", version=1, score=1, p_value=1)
     with pytest.raises(ValueError, match="JSON"):
         store.add(b"x", model="m", version=1, score=1, p_value=1, metadata={"when": datetime.now()})
+    with pytest.raises(ValueError, match="finite"):
+        store.add(b"x", model="m", version=1, score=float("nan"), p_value=1)
     with pytest.raises(ValueError, match="review must be"):
         store.list(review="maybe")
     assert store.count() == 1  # nothing half-written by the refused calls

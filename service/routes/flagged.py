@@ -1,0 +1,152 @@
+"""HTTP routes of the flagged-frame store: list flags, fetch a flagged image, record a review.
+
+Thin on purpose: the store (`service/flagged.py`, built in the app's lifespan and kept on
+`app.state.store`) does the work; these routes validate input, shape responses with pydantic models
+(so the OpenAPI spec says exactly what clients get) and map a missing flag to 404. Handlers are plain
+`def`s: FastAPI runs them in its thread pool, where blocking SQLite reads belong.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import NotFoundError, NotReadyError, error_responses
+from service.flagged import (
+    MEDIA_TYPES,
+    FlaggedNotFoundError,
+    FlaggedRecord,
+    FlaggedStore,
+    ReviewLabel,
+    ReviewState,
+)
+
+router = APIRouter(tags=["flagged"])
+
+MAX_PAGE = 1000
+IMAGE_MEDIA_TYPES = sorted(set(MEDIA_TYPES.values()))
+_MAX_ID = 2**63 - 1  # SQLite's INTEGER range: larger ids cannot exist, and must not reach the driver
+
+
+class FlaggedItem(BaseModel):
+    """One flagged frame as the API shows it."""
+
+    id: int = Field(description="flag id (one per flag; several flags may share an image)")
+    created_at: datetime = Field(description="when the frame was flagged (UTC)")
+    model: str
+    version: int
+    score: float
+    p_value: float = Field(description="conformal p-value against the model's calibration normals")
+    key: str | None = Field(description="the client's key for the frame, if it sent one")
+    metadata: dict[str, Any] = Field(description="client metadata sent with the frame")
+    image_sha256: str = Field(description="content address of the stored image")
+    media_type: str = Field(description="media type of GET /flagged/{id}/image")
+    image_url: str = Field(description="path of the image, relative to the service root")
+    review: ReviewState
+    reviewed_at: datetime | None
+
+
+class FlaggedPage(BaseModel):
+    """One page of flags, newest first, and how many match the filters in all."""
+
+    items: list[FlaggedItem]
+    total: int = Field(description="flags matching the filters, on every page")
+    limit: int
+    offset: int
+
+
+class ReviewRequest(BaseModel):
+    """A reviewer's verdict on a flagged frame."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: ReviewLabel = Field(description="edge_case (a true edge case) or normal (a false alarm)")
+
+
+def item_of(record: FlaggedRecord) -> FlaggedItem:
+    """The API view of a stored flag."""
+    return FlaggedItem(
+        id=record.id,
+        created_at=record.created_at,
+        model=record.model,
+        version=record.version,
+        score=record.score,
+        p_value=record.p_value,
+        key=record.key,
+        metadata=record.metadata,
+        image_sha256=record.image_sha256,
+        media_type=record.media_type,
+        image_url=f"/flagged/{record.id}/image",
+        review=record.review,
+        reviewed_at=record.reviewed_at,
+    )
+
+
+def get_store(request: Request) -> FlaggedStore:
+    """The app's flagged store (tests replace this dependency)."""
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        raise NotReadyError("the flagged-frame store is not open yet")
+    return store
+
+
+StoreDep = Annotated[FlaggedStore, Depends(get_store)]
+FlagId = Annotated[int, Path(ge=1, le=_MAX_ID, description="flag id")]
+
+
+@router.get("/flagged", response_model=FlaggedPage, responses=error_responses(401, 422, 503))
+def list_flagged(
+    store: StoreDep,
+    model: Annotated[str | None, Query(max_length=256, description="model name")] = None,
+    version: Annotated[int | None, Query(ge=1, le=_MAX_ID, description="model version")] = None,
+    since: Annotated[
+        datetime | None, Query(description="flagged at or after (ISO-8601; UTC if no zone)")
+    ] = None,
+    until: Annotated[datetime | None, Query(description="flagged before (ISO-8601; UTC if no zone)")] = None,
+    review: Annotated[ReviewState | None, Query(description="review state")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=_MAX_ID)] = 0,
+) -> FlaggedPage:
+    """List flagged frames, newest first, filtered by model, version, time and review state."""
+    records, total = store.list(
+        model=model, version=version, since=since, until=until, review=review, limit=limit, offset=offset
+    )
+    return FlaggedPage(items=[item_of(r) for r in records], total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/flagged/{flag_id}/image",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {media: {} for media in sorted(set(MEDIA_TYPES.values()))},
+            "description": "The image",
+        },
+        **error_responses(401, 404, 422, 503),
+    },
+)
+def get_flagged_image(flag_id: FlagId, store: StoreDep) -> FileResponse:
+    """The flagged frame's image bytes, as they were received."""
+    try:
+        record = store.get(flag_id)
+    except FlaggedNotFoundError as exc:
+        raise NotFoundError(str(exc)) from exc
+    path = store.image_path(record.id)
+    if not path.is_file():  # only if someone deleted files under the store by hand
+        raise NotFoundError(f"the image of flag {flag_id} is missing from the store ({path.name})")
+    return FileResponse(path, media_type=record.media_type, filename=f"flag-{record.id}.{record.image_ext}")
+
+
+@router.post(
+    "/flagged/{flag_id}/review", response_model=FlaggedItem, responses=error_responses(401, 404, 422, 503)
+)
+def review_flagged(flag_id: FlagId, body: ReviewRequest, store: StoreDep) -> FlaggedItem:
+    """Label a flagged frame as a true edge case or as normal."""
+    try:
+        return item_of(store.review(flag_id, body.label))
+    except FlaggedNotFoundError as exc:
+        raise NotFoundError(str(exc)) from exc
