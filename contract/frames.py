@@ -57,6 +57,8 @@ def decode_frame(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.ND
     Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB; alpha is dropped, not
     composited. Only the first frame of an animation is used and EXIF orientation is ignored.
     Raises ``FrameDecodeError`` for empty, corrupt, truncated or oversized (> ``max_pixels``) input.
+    Pillow's own bomb guard (a warning above ~89 M pixels, an error above ~179 M) still applies,
+    so a ``max_pixels`` above those limits does not let larger images through.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"decode_frame expects bytes, got {type(data).__name__}")
