@@ -151,10 +151,3 @@ def mark_process_dead(pid: int | None = None) -> None:
     """Drop this worker's live gauges from the merged view when it exits (multiprocess mode only)."""
     if multiprocess_dir() is not None:
         multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
-
-
-def reset_multiprocess_dir(path: Path) -> None:
-    """Empty the shared metrics folder before workers start, so old runs' counters do not leak in."""
-    path.mkdir(parents=True, exist_ok=True)
-    for child in path.glob("*.db"):
-        child.unlink()
