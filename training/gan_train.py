@@ -1,0 +1,593 @@
+"""DCGAN training, then the f-AnoGAN encoder, then the D-feature bank: ``edgecase train gan``.
+
+Phase 1, the GAN (Radford et al. 2016): Adam(2e-4, betas (0.5, 0.999)) for G and D, D loss is the
+usual binary cross-entropy, G uses the non-saturating loss (Goodfellow et al. 2014). Stabilisers,
+selectable and combinable with ``+`` (e.g. ``spectral+r1``):
+- ``spectral``: spectral norm on every D layer and no batch norm in D (Miyato et al. 2018);
+- ``r1``: gradient penalty ``gamma/2 E|grad_x D(x)|^2`` on real frames (Mescheder et al. 2018),
+  applied lazily every ``r1_every`` D steps and scaled up by it (Karras et al. 2020, StyleGAN2);
+- ``label-smoothing``: one-sided, real target ``1 - label_smoothing`` (Salimans et al. 2016);
+- ``none``.
+
+Early stopping: a GAN has no validation loss that tracks sample quality, so phase 1 runs a fixed
+epoch budget bounded by ``max_minutes`` (phase 1 gets ``GAN_TIME_SHARE`` of it) and keeps the last
+epoch. Each epoch still records, on validation normals, D's loss, G's loss and D's mean belief
+that val frames are real next to training frames (a gap means D memorises, Karras et al. 2020 ADA),
+plus a mode-collapse watch: mean pairwise distance among generated frames over that among real
+frames (``diversity_ratio``; near 0 means collapse), with a sample grid per epoch.
+
+Phase 2, the encoder (Schlegl et al. 2019, izi_f): with G and D frozen in eval mode, E minimises
+``|x - G(E(x))|^2 / n_pixels + kappa |f_D(x) - f_D(G(E(x)))|^2 / n_features`` on training normals,
+with real early stopping (``patience``) on the same loss over validation normals.
+
+Phase 3: pooled D features of up to ``bank_size`` training normals go to ``RUN_DIR/banks/dfeat.pt``
+for the ``gan-dfeat-knn`` head, and the heads are calibrated on validation normals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from training import runs
+from training.data import TrainingData, fingerprint_frames, load_training_frames
+from training.dcgan import DCGAN, Discriminator, Generator, recalibrate_batchnorm, to_model_input
+from training.gan_heads import build_dcgan, compute_dfeat_bank, save_dfeat_bank
+from training.plots import plot_losses, save_image_grid
+
+log = logging.getLogger(__name__)
+
+STABILISERS = ("none", "spectral", "r1", "label-smoothing")
+GAN_TIME_SHARE = 0.75  # of max_minutes; the rest is for the encoder, the bank and calibration
+DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
+N_DIVERSITY = 64  # frames in the diversity figure and the sample grid
+N_VAL_METRICS = 256  # val frames in the per-epoch D/G losses
+N_BN_BATCHES = 8  # batches used to re-estimate batch-norm statistics
+
+
+@dataclass
+class GANConfig:
+    """Hyper-parameters of ``edgecase train gan``; defaults fit 8,000 frames of 64x64 on 2 CPU cores."""
+
+    size: int = 64
+    batch_size: int = 64
+    epochs: int = 15
+    lr: float = 2e-4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    patience: int = 3
+    max_minutes: float | None = 20.0
+    dry_run: bool = False
+    num_workers: int = 0
+    latent_dim: int = 100
+    width: int = 32
+    stabiliser: str = "spectral"
+    r1_gamma: float = 10.0
+    r1_every: int = 4
+    label_smoothing: float = 0.1
+    beta1: float = 0.5
+    beta2: float = 0.999
+    encoder_epochs: int = 10
+    encoder_lr: float = 5e-4
+    kappa: float = 1.0
+    bank_size: int = 4000
+    knn_k: int = 5
+    max_frames: int | None = None
+
+    def stabilisers(self) -> frozenset[str]:
+        """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""
+        parts = frozenset(p.strip() for p in self.stabiliser.split("+") if p.strip())
+        unknown = parts - set(STABILISERS)
+        if not parts or unknown:
+            raise ValueError(
+                f"unknown stabiliser {self.stabiliser!r}; valid: {', '.join(STABILISERS)} (join with +)"
+            )
+        if "none" in parts and len(parts) > 1:
+            raise ValueError(f"stabiliser 'none' cannot be combined: {self.stabiliser!r}")
+        return parts - {"none"}
+
+    def validate(self) -> None:
+        """Clear errors for bad values before any work starts."""
+        self.stabilisers()
+        for name in ("batch_size", "latent_dim", "width", "r1_every", "knn_k", "bank_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("epochs", "encoder_epochs", "patience", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.lr <= 0 or self.encoder_lr <= 0 or self.r1_gamma < 0 or self.kappa < 0:
+            raise ValueError("lr and encoder_lr must be > 0, r1_gamma and kappa >= 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, real_target: float = 1.0
+) -> torch.Tensor:
+    """Binary cross-entropy of D: real frames towards ``real_target`` (1, or 1 - smoothing), fakes to 0."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_target))
+    return real + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating G loss -log D(G(z)) = softplus(-logit) (Goodfellow et al. 2014, sec. 3): it has
+    strong gradients early, when D easily rejects fakes and log(1 - D(G(z))) would saturate."""
+    return F.softplus(-fake_logits).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """E |grad_x D(x)|^2 on real frames (Mescheder et al. 2018); ``real`` must require grad."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def encoder_loss(model: DCGAN, x: torch.Tensor, kappa: float) -> torch.Tensor:
+    """f-AnoGAN izi_f loss (Schlegl et al. 2019): pixel MSE plus kappa times last-D-feature MSE."""
+    rec = model.generator(model.encoder(x))
+    d = model.discriminator
+    return F.mse_loss(rec, x) + kappa * F.mse_loss(d.features(rec)[-1], d.features(x)[-1])
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """Mean L2 distance over distinct pairs, divided by sqrt(dim) (an RMS per value, size-free)."""
+    flat = x.flatten(1).double()
+    if len(flat) < 2:
+        return 0.0
+    dist = torch.cdist(flat, flat)
+    n = len(flat)
+    return float(dist.sum() / (n * (n - 1)) / math.sqrt(flat.shape[1]))
+
+
+def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """[-1, 1] NCHW -> uint8 NHWC (the inverse of the input scaling, rounded)."""
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def _batches(frames: npt.NDArray[np.uint8], size: int, device: torch.device) -> list[torch.Tensor]:
+    return [
+        to_model_input(torch.from_numpy(frames[i : i + size]).to(device)) for i in range(0, len(frames), size)
+    ]
+
+
+@torch.no_grad()
+def refresh_batchnorm(
+    model: DCGAN, train: npt.NDArray[np.uint8], z_bank: torch.Tensor, cfg: GANConfig
+) -> None:
+    """Exact batch-norm statistics for eval mode: G on fixed latent codes, D on real training frames."""
+    device = z_bank.device
+    recalibrate_batchnorm(model.generator, list(z_bank.split(cfg.batch_size)))
+    real = _batches(train[: N_BN_BATCHES * cfg.batch_size], cfg.batch_size, device)
+    recalibrate_batchnorm(model.discriminator, real)
+
+
+@torch.no_grad()
+def gan_epoch_metrics(
+    model: DCGAN, train: npt.NDArray[np.uint8], val: npt.NDArray[np.uint8], z_fixed: torch.Tensor
+) -> tuple[dict[str, float], npt.NDArray[np.uint8]]:
+    """Eval-mode D/G losses on val normals, D's train/val gap and the diversity figure; plus samples."""
+    G, D = model.generator.eval(), model.discriminator.eval()
+    device = z_fixed.device
+    fake = G(z_fixed)
+    val_x = torch.cat(_batches(val[:N_VAL_METRICS], 128, device))
+    train_x = torch.cat(_batches(train[:N_VAL_METRICS], 128, device))
+    val_logits, fake_logits = D(val_x), D(fake)
+    real_div = mean_pairwise_distance(val_x[:N_DIVERSITY])
+    fake_div = mean_pairwise_distance(fake)
+    metrics = {
+        "val_d_loss": float(discriminator_loss(val_logits, fake_logits)),
+        "val_g_loss": float(generator_loss(fake_logits)),
+        "d_real_prob_train": float(torch.sigmoid(D(train_x)).mean()),
+        "d_real_prob_val": float(torch.sigmoid(val_logits).mean()),
+        "d_fake_prob": float(torch.sigmoid(fake_logits).mean()),
+        "diversity_fake": fake_div,
+        "diversity_real": real_div,
+        "diversity_ratio": fake_div / real_div if real_div > 0 else float("nan"),
+    }
+    G.train(), D.train()
+    return metrics, to_uint8(fake)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA only (no loss scaling needed); a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def gan_step(
+    G: Generator,
+    D: Discriminator,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    cfg: GANConfig,
+    step: int,
+    amp: bool = False,
+) -> dict[str, float]:
+    """One D update then one G update on a batch of real frames in [-1, 1]; returns the losses."""
+    stabilisers = cfg.stabilisers()
+    real_target = 1.0 - cfg.label_smoothing if "label-smoothing" in stabilisers else 1.0
+    use_r1 = "r1" in stabilisers and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
+    z = torch.randn(len(real), cfg.latent_dim, device=real.device)
+    _set_requires_grad(D, True)
+    if use_r1:
+        real = real.detach().requires_grad_(True)
+    with _autocast(real.device, amp):
+        fake = G(z)
+        real_logits = D(real).float()
+        fake_logits = D(fake.detach()).float()
+        loss_d = discriminator_loss(real_logits, fake_logits, real_target)
+    total_d = loss_d
+    stats = {"d_loss": loss_d.item(), "d_real_prob": torch.sigmoid(real_logits.detach()).mean().item()}
+    if use_r1:
+        penalty = r1_penalty(real_logits, real)
+        total_d = loss_d + 0.5 * cfg.r1_gamma * cfg.r1_every * penalty
+        stats["r1"] = penalty.item()
+    opt_d.zero_grad(set_to_none=True)
+    total_d.backward()
+    opt_d.step()
+
+    _set_requires_grad(D, False)  # G's step needs gradients through D, not for D's weights
+    with _autocast(real.device, amp):
+        loss_g = generator_loss(D(fake).float())
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    _set_requires_grad(D, True)
+    stats["g_loss"] = loss_g.item()
+    return stats
+
+
+def encoder_step(
+    model: DCGAN, opt_e: torch.optim.Optimizer, x: torch.Tensor, kappa: float, amp: bool = False
+) -> float:
+    """One izi_f update of the encoder with G and D frozen (eval mode, no weight gradients)."""
+    with _autocast(x.device, amp):
+        loss = encoder_loss(model, x, kappa).float()
+    opt_e.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_e.step()
+    return loss.item()
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def _noise_data(cfg: GANConfig) -> TrainingData:
+    """Seeded noise frames: a dry run without ``--data`` still pushes a batch through every step."""
+    rng = np.random.default_rng(cfg.seed)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, cfg.size, cfg.size, 3), dtype=np.uint8)
+    train, val = frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:]
+    return TrainingData(train, val, sources=[], fingerprint=fingerprint_frames(train, val))
+
+
+def _resolved_config(cfg: GANConfig, data: TrainingData, device: torch.device) -> dict[str, Any]:
+    stabilisers = sorted(cfg.stabilisers())
+    return {
+        **asdict(cfg),
+        "kind": "gan",
+        "d_norm": "spectral" if "spectral" in stabilisers else "batch",
+        "stabilisers": stabilisers,
+        "encoder_trained": False,
+        "data": data.sources,
+        "data_fingerprint": data.fingerprint,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "resolved_device": str(device),
+        "versions": runs.package_versions(),
+    }
+
+
+def _config_from_saved(saved: dict[str, Any], cfg: GANConfig) -> GANConfig:
+    """On --resume the run's own hyper-parameters win; only device and time budget may change."""
+    names = {f.name for f in fields(GANConfig)}
+    resumed = GANConfig(**{k: v for k, v in saved.items() if k in names})
+    resumed.device, resumed.max_minutes = cfg.device, cfg.max_minutes
+    return resumed
+
+
+def _steps(n: int, batch_size: int, dry_run: bool) -> int:
+    return 1 if dry_run else max(1, n // batch_size)
+
+
+def _order(n: int, seed: int, epoch: int) -> npt.NDArray[np.int64]:
+    """The frame order of one epoch: a function of (seed, epoch) only, so resume replays it exactly."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class _Budget:
+    """Wall-clock budget across resumes: phase 1 may use ``GAN_TIME_SHARE`` of ``max_minutes``."""
+
+    def __init__(self, max_minutes: float | None, spent_s: float) -> None:
+        self.limit_s = None if max_minutes is None else 60.0 * max_minutes
+        self.start, self.before = time.monotonic(), spent_s
+
+    def spent(self) -> float:
+        return self.before + time.monotonic() - self.start
+
+    def over(self, share: float = 1.0) -> bool:
+        return self.limit_s is not None and self.spent() >= share * self.limit_s
+
+
+def _checkpoint(
+    run_dir: Path, model: DCGAN, opts: dict[str, torch.optim.Optimizer], state: dict[str, Any]
+) -> None:
+    runs.save_checkpoint(
+        run_dir,
+        {
+            **state,
+            "model": model.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
+            "rng": runs.rng_state(),
+        },
+    )
+
+
+def _plot_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    gan = [r for r in history if r.get("phase") == "gan"]
+    enc = [r for r in history if r.get("phase") == "encoder"]
+    plots = run_dir / runs.PLOTS
+    if gan:
+        keys = [
+            "train_d_loss",
+            "train_g_loss",
+            "val_d_loss",
+            "val_g_loss",
+            "diversity_ratio",
+            "d_real_prob_val",
+        ]
+        plot_losses(gan, plots / "loss.png", keys=[k for k in keys if k in gan[-1]])
+    if enc:
+        plot_losses(enc, plots / "encoder_loss.png", keys=["train_encoder_loss", "val_encoder_loss"])
+
+
+@torch.no_grad()
+def _mean_encoder_loss(
+    model: DCGAN, frames: npt.NDArray[np.uint8], cfg: GANConfig, device: torch.device
+) -> float:
+    model.encoder.eval()
+    total, n = 0.0, 0
+    for x in _batches(frames, 128, device):
+        total += float(encoder_loss(model, x, cfg.kappa)) * len(x)
+        n += len(x)
+    model.encoder.train()
+    return total / max(n, 1)
+
+
+def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bool = False) -> Path:
+    """Train a DCGAN, its f-AnoGAN encoder and the D-feature bank into ``out_dir``; returns the run dir.
+
+    Writes config.json, checkpoint.pt (every epoch of both phases), model.pt, history.jsonl,
+    plots/{loss,encoder_loss,samples,samples_epoch_XXX,reconstructions}.png, banks/dfeat.pt and, when
+    the calibration module is present, calibration/<head>.json.
+    """
+    cfg.validate()
+    run_dir = runs.create_run_dir(out_dir, resume=resume)
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        cfg = _config_from_saved(runs.load_config(run_dir), cfg)
+        checkpoint = runs.load_checkpoint(run_dir)
+    device = runs.resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    runs.seed_everything(cfg.seed)
+    if cfg.dry_run and not data_sources:
+        data = _noise_data(cfg)
+    else:
+        max_frames = DRY_RUN_FRAMES if cfg.dry_run else cfg.max_frames
+        data = load_training_frames(data_sources, cfg.size, seed=cfg.seed, max_frames=max_frames)
+    train, val = data.train, data.val
+    config = _resolved_config(cfg, data, device)
+    if checkpoint is None:
+        runs.save_config(run_dir, config)
+    elif runs.load_config(run_dir).get("data_fingerprint") != data.fingerprint:
+        raise ValueError(f"cannot resume {run_dir}: the data differ from the run's (fingerprint mismatch)")
+    gan_epochs = 1 if cfg.dry_run else cfg.epochs
+    encoder_epochs = min(1, cfg.encoder_epochs) if cfg.dry_run else cfg.encoder_epochs
+    log.info(
+        "GAN run %s: %d train / %d val frames of %dx%d on %s, stabiliser %s",
+        run_dir,
+        len(train),
+        len(val),
+        cfg.size,
+        cfg.size,
+        device,
+        cfg.stabiliser,
+    )
+
+    model = build_dcgan(config).to(device)
+    G, D, E = model.generator, model.discriminator, model.encoder
+    betas = (cfg.beta1, cfg.beta2)
+    opts = {
+        "g": torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=betas),
+        "d": torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=betas),
+        "e": torch.optim.Adam(E.parameters(), lr=cfg.encoder_lr, betas=(0.9, 0.999)),
+    }
+    fixed = torch.Generator().manual_seed(cfg.seed)
+    z_fixed = torch.randn(min(N_DIVERSITY, max(2, len(val))), cfg.latent_dim, generator=fixed).to(device)
+    z_bank = torch.randn(N_BN_BATCHES * cfg.batch_size, cfg.latent_dim, generator=fixed).to(device)
+    state: dict[str, Any] = {
+        "gan_epoch": 0,
+        "encoder_epoch": 0,
+        "step": 0,
+        "elapsed_s": 0.0,
+        "best_val": math.inf,
+        "bad_epochs": 0,
+        "best_encoder": None,
+        "gan_done": False,
+    }
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        for name, opt in opts.items():
+            opt.load_state_dict(checkpoint["optimizers"][name])
+        state.update({k: checkpoint[k] for k in state})
+        runs.set_rng_state(checkpoint["rng"])
+        history = [
+            r
+            for r in runs.read_history(run_dir)
+            if r["epoch"] <= state["gan_epoch" if r.get("phase") == "gan" else "encoder_epoch"]
+        ]
+        runs.write_history(run_dir, history)
+        log.info(
+            "resumed %s after GAN epoch %d, encoder epoch %d",
+            run_dir,
+            state["gan_epoch"],
+            state["encoder_epoch"],
+        )
+    budget = _Budget(cfg.max_minutes, state["elapsed_s"])
+    plots = run_dir / runs.PLOTS
+
+    # Phase 1: the GAN, a fixed epoch budget (see the module docstring for why there is no early stop).
+    while not state["gan_done"] and state["gan_epoch"] < gan_epochs:
+        epoch = state["gan_epoch"] + 1
+        order = _order(len(train), cfg.seed, epoch)
+        sums: dict[str, float] = {}
+        steps = _steps(len(train), cfg.batch_size, cfg.dry_run)
+        started = time.monotonic()
+        for i in tqdm(range(steps), desc=f"GAN epoch {epoch}/{gan_epochs}", unit="step", leave=False):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            real = to_model_input(torch.from_numpy(train[idx]).to(device))
+            for k, v in gan_step(G, D, opts["g"], opts["d"], real, cfg, state["step"], amp).items():
+                sums[k] = sums.get(k, 0.0) + v
+            state["step"] += 1
+        refresh_batchnorm(model, train, z_bank, cfg)
+        metrics, samples = gan_epoch_metrics(model, train, val, z_fixed)
+        record = {
+            "phase": "gan",
+            "epoch": epoch,
+            **{f"train_{k}": v / steps for k, v in sums.items()},
+            **metrics,
+            "epoch_s": time.monotonic() - started,
+            "lr": cfg.lr,
+        }
+        history.append(record)
+        runs.append_history(run_dir, record)
+        save_image_grid(samples, plots / f"samples_epoch_{epoch:03d}.png")
+        save_image_grid(samples, plots / "samples.png")
+        _plot_history(run_dir, history)
+        log.info(
+            "GAN epoch %d: D %.3f G %.3f val D %.3f diversity ratio %.3f",
+            epoch,
+            record.get("train_d_loss", math.nan),
+            record.get("train_g_loss", math.nan),
+            metrics["val_d_loss"],
+            metrics["diversity_ratio"],
+        )
+        state["gan_epoch"] = epoch
+        if budget.over(GAN_TIME_SHARE):
+            log.info(
+                "GAN phase stops after epoch %d: time budget (%.1f of %s min)",
+                epoch,
+                budget.spent() / 60,
+                cfg.max_minutes,
+            )
+            state["gan_done"] = True
+        state["elapsed_s"] = budget.spent()
+        _checkpoint(run_dir, model, opts, state)
+    if not state["gan_done"]:
+        state["gan_done"] = True
+        _checkpoint(run_dir, model, opts, state)
+    runs.save_model(run_dir, "gan", config, model.state_dict(), epoch=state["gan_epoch"])
+
+    # Phase 2: the f-AnoGAN encoder, G and D frozen, early stopping on validation normals.
+    G.eval(), D.eval()
+    _set_requires_grad(G, False), _set_requires_grad(D, False)
+    E.train()
+    while state["encoder_epoch"] < encoder_epochs and (
+        not cfg.patience or state["bad_epochs"] < cfg.patience
+    ):
+        if budget.over():
+            log.info("encoder phase stops: time budget (%s min) spent", cfg.max_minutes)
+            break
+        epoch = state["encoder_epoch"] + 1
+        order = _order(len(train), cfg.seed + 1, epoch)
+        steps = _steps(len(train), cfg.batch_size, cfg.dry_run)
+        total = 0.0
+        for i in tqdm(range(steps), desc=f"encoder epoch {epoch}/{encoder_epochs}", unit="step", leave=False):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            total += encoder_step(
+                model, opts["e"], to_model_input(torch.from_numpy(train[idx]).to(device)), cfg.kappa, amp
+            )
+        val_loss = _mean_encoder_loss(model, val, cfg, device)
+        if val_loss < state["best_val"]:
+            state["best_val"], state["bad_epochs"] = val_loss, 0
+            state["best_encoder"] = {k: v.detach().clone() for k, v in E.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        record = {
+            "phase": "encoder",
+            "epoch": epoch,
+            "train_encoder_loss": total / steps,
+            "val_encoder_loss": val_loss,
+            "best_val_encoder_loss": state["best_val"],
+        }
+        history.append(record)
+        runs.append_history(run_dir, record)
+        _plot_history(run_dir, history)
+        log.info("encoder epoch %d: train %.4f val %.4f", epoch, record["train_encoder_loss"], val_loss)
+        state["encoder_epoch"] = epoch
+        state["elapsed_s"] = budget.spent()
+        _checkpoint(run_dir, model, opts, state)
+    if state["best_encoder"] is not None:
+        E.load_state_dict(state["best_encoder"])
+        config["encoder_trained"] = True
+    E.eval()
+    with torch.no_grad():
+        x = _batches(val[:8], 8, device)[0]
+        save_image_grid(
+            np.concatenate([to_uint8(x), to_uint8(G(E(x)))]), plots / "reconstructions.png", nrow=len(x)
+        )
+
+    # Phase 3: the D-feature bank for gan-dfeat-knn, the final model file, calibration.
+    bank = compute_dfeat_bank(D, train, max_frames=cfg.bank_size, seed=cfg.seed, device=device)
+    save_dfeat_bank(run_dir, bank)
+    config["elapsed_s"] = budget.spent()
+    runs.save_config(run_dir, config)
+    runs.save_model(
+        run_dir,
+        "gan",
+        config,
+        model.state_dict(),
+        epoch=state["gan_epoch"],
+        encoder_epoch=state["encoder_epoch"],
+    )
+    _calibrate(run_dir, val)
+    log.info("GAN run done in %.1f min: %s", budget.spent() / 60, run_dir)
+    return run_dir
+
+
+def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8]) -> None:
+    """Calibrate every head on validation normals when the calibration module is installed."""
+    try:
+        from training.calibrate import calibrate_run
+    except ImportError as exc:
+        log.info("calibration skipped (%s): run `edgecase calibrate %s`", exc, run_dir)
+        return
+    calibrate_run(run_dir, val)
