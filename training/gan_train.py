@@ -49,6 +49,17 @@ from training.plots import plot_losses, save_image_grid
 
 log = logging.getLogger(__name__)
 
+# Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
+_RESUMABLE_FIELDS = (
+    "epochs",
+    "encoder_epochs",
+    "patience",
+    "max_minutes",
+    "device",
+    "amp",
+    "num_workers",
+    "calibrate",
+)
 STABILISERS = ("none", "spectral", "r1", "label-smoothing")
 GAN_TIME_SHARE = 0.75  # of max_minutes; the rest is for the encoder, the bank and calibration
 DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
@@ -85,7 +96,8 @@ class GANConfig:
     kappa: float = 1.0
     bank_size: int = 4000
     knn_k: int = 5
-    max_frames: int | None = None
+    max_frames: int | None = None  # cap on training frames per source (quick experiments)
+    calibrate: bool = True  # calibrate every head on the val normals at the end
 
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""
@@ -306,10 +318,11 @@ def _resolved_config(cfg: GANConfig, data: TrainingData, device: torch.device) -
 
 
 def _config_from_saved(saved: dict[str, Any], cfg: GANConfig) -> GANConfig:
-    """On --resume the run's own hyper-parameters win; only device and time budget may change."""
+    """On --resume the run's own hyper-parameters win, except budgets and where it runs."""
     names = {f.name for f in fields(GANConfig)}
     resumed = GANConfig(**{k: v for k, v in saved.items() if k in names})
-    resumed.device, resumed.max_minutes = cfg.device, cfg.max_minutes
+    for name in _RESUMABLE_FIELDS:
+        setattr(resumed, name, getattr(cfg, name))
     return resumed
 
 
@@ -392,7 +405,9 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
     run_dir = runs.create_run_dir(out_dir, resume=resume)
     checkpoint: dict[str, Any] | None = None
     if resume:
-        cfg = _config_from_saved(runs.load_config(run_dir), cfg)
+        saved = runs.load_config(run_dir)
+        cfg = _config_from_saved(saved, cfg)
+        data_sources = list(saved.get("data") or data_sources)
         checkpoint = runs.load_checkpoint(run_dir)
     device = runs.resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
@@ -578,7 +593,10 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         epoch=state["gan_epoch"],
         encoder_epoch=state["encoder_epoch"],
     )
-    _calibrate(run_dir, val)
+    if cfg.dry_run:
+        _check_heads(run_dir, val[:2])
+    if cfg.calibrate:
+        _calibrate(run_dir, val)
     log.info("GAN run done in %.1f min: %s", budget.spent() / 60, run_dir)
     return run_dir
 
@@ -590,4 +608,19 @@ def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8]) -> None:
     except ImportError as exc:
         log.info("calibration skipped (%s): run `edgecase calibrate %s`", exc, run_dir)
         return
-    calibrate_run(run_dir, val)
+    try:
+        calibrate_run(run_dir, val)
+    except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
+        log.exception("calibration of %s failed; the trained model is kept", run_dir)
+
+
+def _check_heads(run_dir: Path, frames: npt.NDArray[np.uint8]) -> None:
+    """Dry run: build every GAN head from the run dir and score a batch (breaks loudly, not later)."""
+    from training.gan_heads import GAN_HEAD_BUILDERS
+
+    with torch.no_grad():
+        for name, build in GAN_HEAD_BUILDERS.items():
+            out = build(run_dir)(torch.from_numpy(frames))
+            score = out[0] if isinstance(out, tuple) else out
+            if score.shape != (len(frames),) or not torch.isfinite(score).all():
+                raise RuntimeError(f"head {name} returned {tuple(score.shape)} / non-finite scores")
