@@ -8,8 +8,9 @@ so this module is a small lossless *predictive coder* in torch ops that export t
 
 1. prediction per channel from the causal neighbours left (a), up (b) and up-left (c) with the median
    edge detector of LOCO-I / JPEG-LS (Weinberger et al. 2000): min(a,b) if c >= max(a,b), max(a,b)
-   if c <= min(a,b), else a + b - c (PNG's Paeth filter is the same idea); outside the frame the
-   neighbours are 0, as in PNG;
+   if c <= min(a,b), else a + b - c (PNG's Paeth filter is the same idea); on the first row the
+   prediction is the left neighbour, on the first column the upper one, the first pixel costs 8
+   raw bits a channel;
 2. residuals coded under a discretised Laplace whose scale grows with the causal local activity
    g = |a - c| + |b - c| (JPEG-LS uses such gradients as coding contexts): b = s (1 + g / k), with s
    the closed-form maximum-likelihood fit per frame and channel, s = mean(|r| / (1 + g / k)). The
@@ -26,22 +27,36 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _LN2 = math.log(2.0)
 
 
-def med_predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def border_masks(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean [1, 1, size, size] masks of the first row, the first column and the first pixel."""
+    idx = torch.arange(size)
+    first_row = (idx == 0).view(1, 1, size, 1).expand(1, 1, size, size)
+    first_col = (idx == 0).view(1, 1, 1, size).expand(1, 1, size, size)
+    return first_row.clone(), first_col.clone(), first_row & first_col
+
+
+def med_predict(
+    x: torch.Tensor, first_row: torch.Tensor, first_col: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MED prediction and causal local activity for x [N, C, H, W] of pixel levels (0..255 floats).
 
     Returns (prediction, activity) with the input's shape; activity = |a - c| + |b - c| (the
     gradients the predictor chose between), large at edges where residuals are large too.
     """
-    padded = F.pad(x, (1, 0, 1, 0))  # zero row on top, zero column on the left: [N, C, H+1, W+1]
-    a = padded[:, :, 1:, :-1]  # left
-    b = padded[:, :, :-1, 1:]  # up
-    c = padded[:, :, :-1, :-1]  # up-left
+    # shifts by concatenating zeros (F.pad exports through a reversing Slice that ONNX cannot fold)
+    a = torch.cat([torch.zeros_like(x[:, :, :, :1]), x[:, :, :, :-1]], dim=3)  # left
+    b = torch.cat([torch.zeros_like(x[:, :, :1, :]), x[:, :, :-1, :]], dim=2)  # up
+    c = torch.cat([torch.zeros_like(b[:, :, :, :1]), b[:, :, :, :-1]], dim=3)  # up-left
+    # at the borders use the neighbour that exists (PNG's Sub filter on the first row, Up on the
+    # first column), so a flat frame costs nothing beyond its first pixel
+    b = torch.where(first_row, a, b)
+    a = torch.where(first_col, b, a)
+    c = torch.where(first_row | first_col, a, c)
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     pred = torch.where(c >= hi, lo, torch.where(c <= lo, hi, a + b - c))
     activity = (a - c).abs() + (b - c).abs()
@@ -55,8 +70,9 @@ def laplace_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     b = scale.clamp(min=0.05)
     absr = residual.abs()
-    log_p_zero = torch.log(-torch.expm1(-0.5 / b))
-    log_p_other = math.log(0.5) - (absr - 0.5) / b + torch.log(-torch.expm1(-1.0 / b))
+    # 1 - exp(-t) rather than expm1, which ONNX lacks; t <= 20 keeps it accurate to float32
+    log_p_zero = torch.log(1.0 - torch.exp(-0.5 / b))
+    log_p_other = math.log(0.5) - (absr - 0.5) / b + torch.log(1.0 - torch.exp(-1.0 / b))
     log_p = torch.where(absr < 0.5, log_p_zero, log_p_other)
     return -log_p / _LN2
 
@@ -64,26 +80,34 @@ def laplace_bits(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class ComplexityCoder(nn.Module):
     """uint8 NHWC frames -> (code length in bits/dim [N], bits per pixel map summed over channels [N,H,W]).
 
-    ``activity_scale`` sets how fast the Laplace scale grows with local activity (in grey levels);
-    8 works well on 64 px road frames and is not tuned on any edge case.
+    ``activity_scale`` sets how fast the Laplace scale grows with local activity (in grey levels).
+    The border masks are buffers built for ``size`` so the exported graph holds them as constants.
     """
 
-    def __init__(self, activity_scale: float = 8.0):
+    def __init__(self, size: int, activity_scale: float = 8.0):
         super().__init__()
         self.activity_scale = activity_scale
+        first_row, first_col, first = border_masks(size)
+        self.register_buffer("first_row", first_row, persistent=False)
+        self.register_buffer("first_col", first_col, persistent=False)
+        self.register_buffer("first", first, persistent=False)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = frames.permute(0, 3, 1, 2).float()  # [N, 3, H, W] in 0..255
-        pred, activity = med_predict(x)
+        pred, activity = med_predict(x, self.first_row, self.first_col)
         residual = x - pred
         shape = 1.0 + activity / self.activity_scale
         # closed-form ML scale of a Laplace with per-pixel scale s * shape: s = mean(|r| / shape)
-        s = (residual.abs() / shape).mean(dim=(2, 3), keepdim=True)
+        # (the first pixel has no neighbours: 8 raw bits per channel, left out of the fit)
+        first = self.first
+        weighted = torch.where(first, torch.zeros_like(residual), residual.abs() / shape)
+        s = weighted.sum(dim=(2, 3), keepdim=True) / (first.numel() - 1)
         bits = laplace_bits(residual, s * shape)  # [N, 3, H, W]
+        bits = torch.where(first, torch.full_like(bits, 8.0), bits)
         bits_map = bits.sum(dim=1)
         return bits.flatten(1).mean(dim=1), bits_map
 
 
 def compressed_bits_per_dim(frames: torch.Tensor) -> torch.Tensor:
-    """Convenience: L(x) in bits/dim [N] for uint8 NHWC frames."""
-    return ComplexityCoder()(frames)[0]
+    """Convenience: L(x) in bits/dim [N] for square uint8 NHWC frames."""
+    return ComplexityCoder(frames.shape[1]).to(frames.device)(frames)[0]

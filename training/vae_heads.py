@@ -132,7 +132,7 @@ class ComplexityHead(ELBOHead):
 
     def __init__(self, vae: VAE):
         super().__init__(vae)
-        self.coder = ComplexityCoder()
+        self.coder = ComplexityCoder(vae.size)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         elbo, elbo_map = self.elbo_and_map(frames)

@@ -57,6 +57,7 @@ class VAEConfig:
     max_minutes: float | None = 8.0
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
+    calibrate: bool = True  # calibrate every head on the val normals at the end
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
@@ -66,7 +67,7 @@ class VAEConfig:
 
 
 # Run control that a resumed run may change; everything else comes from the saved config.
-_RESUMABLE_FIELDS = ("epochs", "patience", "max_minutes", "device", "amp", "num_workers")
+_RESUMABLE_FIELDS = ("epochs", "patience", "max_minutes", "device", "amp", "num_workers", "calibrate")
 
 
 def _noise_data(cfg: VAEConfig) -> TrainingData:
@@ -319,7 +320,8 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
     if cfg.dry_run:
         _check_heads(run_dir, data.val[:2])
-    _calibrate(run_dir, data.val)
+    if cfg.calibrate:
+        _calibrate(run_dir, data.val)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir
 
