@@ -113,6 +113,9 @@ class Parity(_Strict):
     n_frames: int = Field(gt=0)
     batch_sizes: list[int] = Field(default_factory=list)
     tolerance: float | None = Field(default=None, description="the gate applied; None if only recorded")
+    map_max_rel_diff: float | None = Field(
+        default=None, ge=0.0, description="max |a-b| over anomaly maps / max |torch map| (None: no map)"
+    )
 
 
 class ExportInfo(_Strict):
