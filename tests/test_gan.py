@@ -34,12 +34,12 @@ from training.gan_heads import (
     load_dfeat_bank,
     load_gan,
 )
+from training.gan_metrics import frechet_distance, mean_pairwise_distance
 from training.gan_train import (
     GANConfig,
     discriminator_loss,
     gan_step,
     generator_loss,
-    mean_pairwise_distance,
     r1_penalty,
     train_gan,
 )
@@ -215,6 +215,19 @@ def test_diversity_is_zero_for_identical_frames_and_positive_otherwise() -> None
     assert mean_pairwise_distance(torch.stack([-same[0], same[0]])) == pytest.approx(2.0)
 
 
+def test_frechet_distance_matches_the_closed_form() -> None:
+    a = np.random.default_rng(0).normal(size=(500, 4)) @ np.diag([1.0, 2.0, 0.5, 1.5])
+    shift = np.array([1.0, -2.0, 0.0, 3.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # Same covariance: only the means differ.
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # Scaled by 2: covariance 4S, so Tr(S + 4S - 2 * 2S) = Tr(S), plus the mean term.
+    expected = np.trace(np.cov(a, rowvar=False)) + float((a.mean(0) ** 2).sum())
+    assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(a, a[:, :3])
+
+
 # -- the training run ---------------------------------------------------------------------------
 
 
@@ -228,6 +241,7 @@ def test_dry_run_writes_model_plots_history_with_diversity_and_bank(dry_run_dir:
     assert len(gan) == 1 and [r["phase"] for r in records] == ["gan", "encoder"]
     assert gan[0]["diversity_ratio"] == pytest.approx(gan[0]["diversity_fake"] / gan[0]["diversity_real"])
     assert gan[0]["diversity_real"] > 0 and "train_r1" in gan[0] and "val_d_loss" in gan[0]
+    assert gan[0]["fd_pixels"] > gan[0]["fd_pixels_floor"] >= 0  # an untrained G is far from real
     config = json.loads((dry_run_dir / "config.json").read_text())
     assert config["kind"] == "gan" and config["d_norm"] == "spectral" and config["encoder_trained"]
     assert config["stabilisers"] == ["r1", "spectral"] and len(config["data_fingerprint"]) == 64

@@ -45,6 +45,7 @@ from training import runs
 from training.data import TrainingData, fingerprint_frames, load_training_frames
 from training.dcgan import DCGAN, Discriminator, Generator, recalibrate_batchnorm, to_model_input
 from training.gan_heads import build_dcgan, compute_dfeat_bank, save_dfeat_bank
+from training.gan_metrics import PixelFrechet, mean_pairwise_distance, to_uint8
 from training.plots import plot_losses, save_image_grid
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ GAN_TIME_SHARE = 0.75  # of max_minutes; the rest is for the encoder, the bank a
 DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
 N_DIVERSITY = 64  # frames in the diversity figure and the sample grid
 N_VAL_METRICS = 256  # val frames in the per-epoch D/G losses
+N_QUALITY = 512  # generated and val frames in the per-epoch Fréchet distance
 N_BN_BATCHES = 8  # batches used to re-estimate batch-norm statistics
 
 
@@ -161,22 +163,6 @@ def encoder_loss(model: DCGAN, x: torch.Tensor, kappa: float) -> torch.Tensor:
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def mean_pairwise_distance(x: torch.Tensor) -> float:
-    """Mean L2 distance over distinct pairs, divided by sqrt(dim) (an RMS per value, size-free)."""
-    flat = x.flatten(1).double()
-    if len(flat) < 2:
-        return 0.0
-    dist = torch.cdist(flat, flat)
-    n = len(flat)
-    return float(dist.sum() / (n * (n - 1)) / math.sqrt(flat.shape[1]))
-
-
-def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
-    """[-1, 1] NCHW -> uint8 NHWC (the inverse of the input scaling, rounded)."""
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return pixels.permute(0, 2, 3, 1).to(torch.uint8).numpy()
-
-
 def _batches(frames: npt.NDArray[np.uint8], size: int, device: torch.device) -> list[torch.Tensor]:
     return [
         to_model_input(torch.from_numpy(frames[i : i + size]).to(device)) for i in range(0, len(frames), size)
@@ -196,12 +182,18 @@ def refresh_batchnorm(
 
 @torch.no_grad()
 def gan_epoch_metrics(
-    model: DCGAN, train: npt.NDArray[np.uint8], val: npt.NDArray[np.uint8], z_fixed: torch.Tensor
+    model: DCGAN,
+    train: npt.NDArray[np.uint8],
+    val: npt.NDArray[np.uint8],
+    z_fixed: torch.Tensor,
+    quality: PixelFrechet,
 ) -> tuple[dict[str, float], npt.NDArray[np.uint8]]:
-    """Eval-mode D/G losses on val normals, D's train/val gap and the diversity figure; plus samples."""
+    """Eval-mode D/G losses on val normals, D's train/val gap, diversity and Fréchet distance of
+    samples from the fixed codes ``z_fixed`` (the first ``N_DIVERSITY`` are returned as uint8)."""
     G, D = model.generator.eval(), model.discriminator.eval()
     device = z_fixed.device
-    fake = G(z_fixed)
+    fakes = torch.cat([G(z) for z in z_fixed.split(128)])
+    fake = fakes[:N_DIVERSITY]
     val_x = torch.cat(_batches(val[:N_VAL_METRICS], 128, device))
     train_x = torch.cat(_batches(train[:N_VAL_METRICS], 128, device))
     val_logits, fake_logits = D(val_x), D(fake)
@@ -216,6 +208,7 @@ def gan_epoch_metrics(
         "diversity_fake": fake_div,
         "diversity_real": real_div,
         "diversity_ratio": fake_div / real_div if real_div > 0 else float("nan"),
+        "fd_pixels": quality.distance(fakes, torch.cat(_batches(val[:N_QUALITY], 128, device))),
     }
     G.train(), D.train()
     return metrics, to_uint8(fake)
@@ -374,7 +367,7 @@ def _plot_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
             "val_d_loss",
             "val_g_loss",
             "diversity_ratio",
-            "d_real_prob_val",
+            "fd_pixels",
         ]
         plot_losses(gan, plots / "loss.png", keys=[k for k in keys if k in gan[-1]])
     if enc:
@@ -445,7 +438,9 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         "e": torch.optim.Adam(E.parameters(), lr=cfg.encoder_lr, betas=(0.9, 0.999)),
     }
     fixed = torch.Generator().manual_seed(cfg.seed)
-    z_fixed = torch.randn(min(N_DIVERSITY, max(2, len(val))), cfg.latent_dim, generator=fixed).to(device)
+    # Fixed codes: the sample grids of all epochs show the same latents; diversity uses the first
+    # N_DIVERSITY, the Fréchet distance as many as there are val frames (up to N_QUALITY).
+    z_fixed = torch.randn(min(N_QUALITY, max(2, len(val))), cfg.latent_dim, generator=fixed).to(device)
     z_bank = torch.randn(N_BN_BATCHES * cfg.batch_size, cfg.latent_dim, generator=fixed).to(device)
     state: dict[str, Any] = {
         "gan_epoch": 0,
@@ -477,6 +472,9 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
             state["encoder_epoch"],
         )
     budget = _Budget(cfg.max_minutes, state["elapsed_s"])
+    quality = PixelFrechet(train)
+    # The Fréchet distance's noise floor: held-out real frames against training frames.
+    fd_floor = quality.distance(*(torch.cat(_batches(f[:N_QUALITY], 128, device)) for f in (train, val)))
     plots = run_dir / runs.PLOTS
 
     # Phase 1: the GAN, a fixed epoch budget (see the module docstring for why there is no early stop).
@@ -493,12 +491,13 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
                 sums[k] = sums.get(k, 0.0) + v
             state["step"] += 1
         refresh_batchnorm(model, train, z_bank, cfg)
-        metrics, samples = gan_epoch_metrics(model, train, val, z_fixed)
+        metrics, samples = gan_epoch_metrics(model, train, val, z_fixed, quality)
         record = {
             "phase": "gan",
             "epoch": epoch,
             **{f"train_{k}": v / steps for k, v in sums.items()},
             **metrics,
+            "fd_pixels_floor": fd_floor,
             "epoch_s": time.monotonic() - started,
             "lr": cfg.lr,
         }
@@ -508,12 +507,14 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         save_image_grid(samples, plots / "samples.png")
         _plot_history(run_dir, history)
         log.info(
-            "GAN epoch %d: D %.3f G %.3f val D %.3f diversity ratio %.3f",
+            "GAN epoch %d: D %.3f G %.3f val D %.3f diversity ratio %.3f FD %.2f (floor %.2f)",
             epoch,
             record.get("train_d_loss", math.nan),
             record.get("train_g_loss", math.nan),
             metrics["val_d_loss"],
             metrics["diversity_ratio"],
+            metrics["fd_pixels"],
+            fd_floor,
         )
         state["gan_epoch"] = epoch
         if budget.over(GAN_TIME_SHARE):
