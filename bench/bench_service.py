@@ -1,0 +1,411 @@
+"""Benchmark of the scoring service on loopback, measured side by side with in-process onnxruntime.
+
+For each frames-per-request (1 and 32) and client concurrency (1, 8, 32, 128), a bounded async client
+(httpx.AsyncClient, at most `concurrency` requests in flight, each coroutine sending its next request as
+soon as the last one returns) drives `POST /score` on a real uvicorn server for a fixed time and reports
+requests/s, frames/s, p50 and p99 latency. In the same run, before the server starts, the same model is
+timed in-process (`LoadedModel.score` on pre-decoded uint8 batches of 1 and 32 frames), and the script
+prints the ratios the issue sets as targets (on a 2-core machine):
+
+- concurrency 32, 1 frame/request: service frames/s >= 0.7 x in-process frames/s at batch 1;
+- concurrency 32, 32 frames/request: service frames/s >= 0.85 x in-process frames/s at batch 32;
+- concurrency 1, 1 frame/request: service p50 <= in-process batch-1 p50 + 3 ms.
+
+The service also decodes and resizes each frame (PNG bytes in); in-process timing starts from decoded
+arrays, so the ratios charge HTTP, decoding, batching and the flagged store to the service.
+
+Model: `--repo/--model` (a real export, e.g. `models/`), else the first model found in `models/`, else a
+tiny brightness graph from tests/service_helpers.py, labelled as such in the output.
+
+    python bench/bench_service.py --repo models --seconds 5 --json bench-service.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+
+TARGET_C32_ONE_FRAME = 0.7
+TARGET_C32_BATCH = 0.85
+TARGET_C1_P50_MS = 3.0
+
+
+@dataclass
+class InProcess:
+    batch_size: int
+    calls: int
+    frames_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class ServiceRun:
+    frames_per_request: int
+    concurrency: int
+    requests: int
+    errors: int
+    status_counts: dict[str, int]
+    requests_per_s: float
+    frames_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def pick_model(repo: Path | None, name: str | None, workdir: Path) -> tuple[Path, str, str]:
+    """(repo, model name, label): a real export when one is there, else the tiny test graph."""
+    from service.registry import ModelRegistry
+
+    for candidate in [repo] if repo else [REPO_ROOT / "models"]:
+        found = ModelRegistry(candidate).scan() if candidate and candidate.is_dir() else {}
+        if name and name in found:
+            return candidate, name, f"{name} (exported model in {candidate})"
+        if found and not name:
+            first = sorted(found)[0]
+            return candidate, first, f"{first} (exported model in {candidate})"
+        if repo is not None:
+            raise SystemExit(f"no model {name or ''} in {repo} (found: {sorted(found) or 'none'})")
+    from service_helpers import publish_model
+
+    tiny = workdir / "models"
+    publish_model(tiny, "tiny-brightness", 1, size=64, threshold=0.9)  # bench frames are not flagged
+    return (
+        tiny,
+        "tiny-brightness",
+        "tiny-brightness (TEST GRAPH from tests/service_helpers.py, 64x64, not a real model)",
+    )
+
+
+def make_frames(size: int, count: int, data: Path | None, seed: int = 0) -> tuple[np.ndarray, list[bytes]]:
+    """Frames as arrays and PNG bytes: normal frames from `data` (a synth folder), else smooth random ones.
+
+    Normal frames keep the flag rate (and so flagged-store writes) at the calibrated target FPR, as in
+    production; random frames are out of distribution for a real model and would all be flagged.
+    """
+    from contract.frames import encode_png
+    from contract.readers import iter_frames
+
+    if data is not None:
+        picked = [f.image for f in iter_frames(data, size=size) if f.meta.get("family", "normal") == "normal"]
+        if not picked:
+            raise SystemExit(f"no normal frames in {data}")
+        frames = np.stack([picked[i % len(picked)] for i in range(count)])
+    else:
+        rng = np.random.default_rng(seed)
+        coarse = rng.integers(0, 256, (count, size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
+        frames = np.ascontiguousarray(np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :size, :size])
+    return frames, [encode_png(frame, compress_level=6) for frame in frames]
+
+
+def bench_in_process(
+    repo: Path, name: str, frames: np.ndarray, batch_sizes: list[int], seconds: float, threads: int
+):
+    """Time LoadedModel.score on ready uint8 batches; returns one InProcess per batch size."""
+    from service.registry import ModelRegistry
+
+    model = ModelRegistry(repo, intra_op_threads=threads).load(name)
+    results = []
+    for batch_size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(frames, (batch_size, *frames.shape[1:])))
+        for _ in range(5):
+            model.score(batch)  # warm-up
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            model.score(batch)
+            times.append(time.perf_counter() - started)
+        total = sum(times)
+        results.append(
+            InProcess(
+                batch_size=batch_size,
+                calls=len(times),
+                frames_per_s=len(times) * batch_size / total,
+                p50_ms=percentile(times, 50) * 1000,
+                p99_ms=percentile(times, 99) * 1000,
+            )
+        )
+    return model, results
+
+
+def multipart_body(pngs: list[bytes]) -> tuple[bytes, str]:
+    """One multipart/form-data body with `files` parts, built once and re-sent (no per-request encoding)."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for i, data in enumerate(pngs):
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="f{i}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        parts.append(head + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def drive(
+    url: str,
+    bodies: list[tuple[bytes, str]],
+    frames_per_request: int,
+    concurrency: int,
+    seconds: float,
+    warmup_s: float,
+) -> ServiceRun:
+    """Closed-loop load: `concurrency` coroutines, each with one request in flight, for `seconds`."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+        measuring = False
+        stop_at = time.perf_counter() + warmup_s + seconds
+
+        async def worker(index: int) -> None:
+            nonlocal errors
+            n = index
+            while time.perf_counter() < stop_at:
+                body, content_type = bodies[n % len(bodies)]
+                n += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/score", content=body, headers={"content-type": content_type}
+                    )
+                    status = str(response.status_code)
+                except httpx.HTTPError:
+                    status = "error"
+                elapsed = time.perf_counter() - started
+                if measuring:
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if status == "200":
+                        latencies.append(elapsed)
+                    else:
+                        errors += 1
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        await asyncio.sleep(warmup_s)
+        measuring = True
+        measure_started = time.perf_counter()
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - measure_started
+    ok = len(latencies)
+    return ServiceRun(
+        frames_per_request=frames_per_request,
+        concurrency=concurrency,
+        requests=ok,
+        errors=errors,
+        status_counts=statuses,
+        requests_per_s=ok / wall,
+        frames_per_s=ok * frames_per_request / wall,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+    )
+
+
+def start_server(
+    repo: Path, name: str, workdir: Path, args: argparse.Namespace
+) -> tuple[subprocess.Popen, str]:
+    import httpx
+    from service_helpers import free_port, wait_until
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECASE_")}
+    env.update(
+        EDGECASE_FLAGGED_DIR=str(workdir / "flagged"),
+        EDGECASE_DEFAULT_MODEL=name,
+        EDGECASE_RELOAD_POLL_S="0",
+        EDGECASE_LOG_LEVEL="warning",
+        EDGECASE_MAX_QUEUE_FRAMES=str(max(4096, 160 * 32)),  # the benchmark measures throughput, not 429s
+        EDGECASE_INTRA_OP_THREADS=str(args.threads),
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgecase.cli",
+        "serve",
+        "--repo",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--log-level",
+        "warning",
+    ]
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server outlives this function)
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None
+
+    if not wait_until(ready, timeout=120) or process.poll() is not None:
+        process.kill()
+        raise SystemExit(f"server did not start; log:\n{(workdir / 'server.log').read_text()}")
+    return process, url
+
+
+def report(label: str, inproc: list[InProcess], runs: list[ServiceRun], args: argparse.Namespace) -> str:
+    by_batch = {r.batch_size: r for r in inproc}
+    lines = [
+        f"model: {label}",
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"server workers {args.workers}, onnxruntime intra-op threads {args.threads or 'all cores'}; "
+        f"{args.seconds:g} s per point after {args.warmup:g} s warm-up",
+        "",
+        "| in-process (LoadedModel.score) | batch | frames/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| onnxruntime | {r.batch_size} | {r.frames_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
+        for r in inproc
+    ]
+    lines += [
+        "",
+        "| service (POST /score) | frames/request | concurrency | requests/s | frames/s | p50 ms | p99 ms "
+        "| non-200 | vs in-process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        base = by_batch.get(run.frames_per_request)
+        ratio = f"{run.frames_per_s / base.frames_per_s:.2f}x" if base else "-"
+        lines.append(
+            f"| service | {run.frames_per_request} | {run.concurrency} | {run.requests_per_s:,.1f} | "
+            f"{run.frames_per_s:,.0f} | {run.p50_ms:.2f} | {run.p99_ms:.2f} | {run.errors} | {ratio} |"
+        )
+    lines += ["", "Targets:"]
+    for frames_per_request, target in ((1, TARGET_C32_ONE_FRAME), (32, TARGET_C32_BATCH)):
+        run = next(
+            (r for r in runs if r.frames_per_request == frames_per_request and r.concurrency == 32), None
+        )
+        base = by_batch.get(frames_per_request)
+        if run and base:
+            ratio = run.frames_per_s / base.frames_per_s
+            verdict = "MET" if ratio >= target else "MISSED"
+            lines.append(
+                f"- concurrency 32, {frames_per_request} frame(s)/request: {run.frames_per_s:,.0f} / "
+                f"{base.frames_per_s:,.0f} frames/s = {ratio:.2f} (target >= {target}) {verdict}"
+            )
+    run = next((r for r in runs if r.frames_per_request == 1 and r.concurrency == 1), None)
+    if run and 1 in by_batch:
+        gap = run.p50_ms - by_batch[1].p50_ms
+        verdict = "MET" if gap <= TARGET_C1_P50_MS else "MISSED"
+        lines.append(
+            f"- concurrency 1, 1 frame/request: p50 {run.p50_ms:.2f} ms vs in-process "
+            f"{by_batch[1].p50_ms:.2f} ms "
+            f"= +{gap:.2f} ms (target <= +{TARGET_C1_P50_MS:g} ms) {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--repo", type=Path, default=None, help="model repository (default: models/ if it has one)"
+    )
+    parser.add_argument("--model", default=None, help="model name (default: the first in the repo)")
+    parser.add_argument("--data", type=Path, default=None, help="take normal frames from this folder/shards")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--frames-per-request", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        workdir = Path(tmp)
+        repo, name, label = pick_model(args.repo, args.model, workdir)
+        from service.registry import ModelRegistry
+
+        size = ModelRegistry(repo).load(name).frame_shape[0]
+        frames, pngs = make_frames(size, 64, args.data)
+        print(
+            f"model {label}; frames {size}x{size}, PNG {statistics.mean(map(len, pngs)) / 1024:.1f} KiB each",
+            flush=True,
+        )
+        _, inproc = bench_in_process(
+            repo, name, frames, sorted(set(args.frames_per_request)), args.seconds, args.threads
+        )
+        for r in inproc:
+            print(
+                f"in-process batch {r.batch_size}: {r.frames_per_s:,.0f} frames/s, p50 {r.p50_ms:.2f} ms",
+                flush=True,
+            )
+
+        process, url = start_server(repo, name, workdir, args)
+        runs = []
+        try:
+            for frames_per_request in args.frames_per_request:
+                bodies = [
+                    multipart_body(
+                        [pngs[(i * frames_per_request + j) % len(pngs)] for j in range(frames_per_request)]
+                    )
+                    for i in range(8)
+                ]
+                if frames_per_request == 1:  # one frame: a raw image/png body, the leanest request
+                    bodies = [(png, "image/png") for png in pngs]
+                for concurrency in args.concurrency:
+                    run = asyncio.run(
+                        drive(url, bodies, frames_per_request, concurrency, args.seconds, args.warmup)
+                    )
+                    runs.append(run)
+                    print(
+                        f"service {frames_per_request} frame(s)/request, concurrency {concurrency}: "
+                        f"{run.requests_per_s:,.1f} req/s, {run.frames_per_s:,.0f} frames/s, "
+                        f"p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, statuses {run.status_counts}",
+                        flush=True,
+                    )
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        text = report(label, inproc, runs, args)
+        print("\n" + text)
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "model": label,
+                        "in_process": [asdict(r) for r in inproc],
+                        "service": [asdict(r) for r in runs],
+                        "argv": sys.argv[1:],
+                    },
+                    indent=2,
+                )
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
