@@ -175,5 +175,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = spec.setdefault("components", {}).setdefault("schemas", {})
         components.update(schema.pop("$defs", {}))
         components["ScoreJSONRequest"] = schema
+        if not app.state.settings.api_keys:
+            _drop_security(spec)  # keys off: no route needs a token, so the spec must not demand one
         app.openapi_schema = spec
     return app.openapi_schema
+
+
+def _drop_security(spec: dict[str, Any]) -> None:
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation.pop("security", None)
+                operation.get("responses", {}).pop("401", None)
+    spec.get("components", {}).pop("securitySchemes", None)

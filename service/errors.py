@@ -166,8 +166,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 400:  # FastAPI's "error parsing the body" (bad JSON): a 422 like every other
+        return error_response(422, "invalid_request", str(exc.detail), headers=headers)
+    codes = {404: "not_found", 405: "method_not_allowed"}
     return error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers=headers
     )

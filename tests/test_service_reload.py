@@ -1,0 +1,134 @@
+"""New versions without a restart: warmed before they serve, no failed request during the swap,
+broken versions refused while the old one keeps serving; readiness before the first model exists."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from service_helpers import publish_broken, publish_model, running_server, solid_png, wait_until
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+class Load:
+    """Client threads posting frames in a loop, recording every status and the version that answered."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.statuses: Counter[int] = Counter()
+        self.versions: list[int] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, index: int) -> None:
+        files = [("files", (f"t{index}-{i}.png", solid_png(40 * i))) for i in range(3)]
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.post("/score", files=files)
+                except httpx.HTTPError as exc:  # a dropped connection counts as a failure too
+                    with self._lock:
+                        self.errors.append(repr(exc))
+                    continue
+                with self._lock:
+                    self.statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        self.versions.append(response.json()["version"])
+                    else:
+                        self.errors.append(response.text)
+
+
+def test_a_new_version_takes_over_under_load_with_no_failed_request(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish_model(repo, "bright", 1)
+    with (
+        running_server(repo, {"max_queue_delay_ms": 1}, log_dir=tmp_path) as server,
+        Load(server.url) as load,
+    ):
+        assert wait_until(lambda: len(load.versions) >= 20)
+        publish_model(repo, "bright", 2, threshold=0.3)
+        report = httpx.post(f"{server.url}/admin/reload", timeout=30).json()
+        assert report["loaded"] == ["bright/2"] and report["serving"] == {"bright": 2}
+        swapped_at = len(load.versions)
+        assert wait_until(lambda: len(load.versions) >= swapped_at + 40)
+    assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
+    assert load.versions[0] == 1 and load.versions[-1] == 2
+    # After /admin/reload returned, only the (at most 4) requests already in flight may still be on 1.
+    assert set(load.versions[swapped_at + 4 :]) == {2}
+
+
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish_model(repo, "bright", 1)
+    with (
+        running_server(repo, log_dir=tmp_path) as server,
+        server.client() as client,
+        Load(server.url) as load,
+    ):
+        for version, how in [(2, "graph"), (3, "hash"), (4, "shape")]:
+            publish_broken(repo, "bright", version, how=how)
+            report = client.post("/admin/reload").json()
+            assert report["loaded"] == [] and list(report["refused"]) == [f"bright/{version}"]
+            assert report["serving"] == {"bright": 1}
+        assert "sha256" in report["refused"]["bright/4"] or "16" in report["refused"]["bright/4"]
+        n = len(load.versions)
+        assert wait_until(lambda: len(load.versions) >= n + 10)
+        metrics = client.get("/metrics").text
+        models = client.get("/models").json()["models"][0]
+    assert load.errors == [] and set(load.versions) == {1}
+    assert metric_value(metrics, "edgecase_model_loads_total", model="bright", outcome="refused") == 3
+    assert models["version"] == 1 and models["available_versions"] == [1, 2, 3, 4]
+    assert "refused bright/2" in server.log()
+
+
+def test_polling_picks_up_a_new_version_on_its_own(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish_model(repo, "bright", 1)
+    with running_server(repo, {"reload_poll_s": 0.2}, log_dir=tmp_path) as server, server.client() as client:
+        publish_model(repo, "bright", 2)
+
+        def serving_version() -> int:
+            return int(client.get("/readyz").json()["serving"]["bright"])
+
+        assert wait_until(lambda: serving_version() == 2, timeout=20)
+        result = client.post("/score", content=solid_png(10), headers={"Content-Type": "image/png"}).json()
+        assert result["version"] == 2
+
+
+def test_not_ready_until_a_model_is_published_then_ready_without_restart(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    repo.mkdir()
+    settings = {"reload_poll_s": 0.2}
+    with running_server(repo, settings, wait="alive", log_dir=tmp_path) as server, server.client() as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+        assert int(ready.headers["Retry-After"]) >= 1
+        scored = client.post("/score", content=solid_png(10), headers={"Content-Type": "image/png"})
+        assert scored.status_code == 503
+        publish_model(repo, "bright", 1)
+        assert wait_until(server.is_ready, timeout=20), server.log()
+        scored = client.post("/score", content=solid_png(10), headers={"Content-Type": "image/png"})
+        assert scored.status_code == 200
