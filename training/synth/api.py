@@ -1,0 +1,79 @@
+"""``render_batch``: frames of one family as a uint8 NHWC array, for tests, notebooks and other code."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from training.synth.draws import frame_generators
+from training.synth.families import FAMILY_BY_NAME, NORMAL, family_id
+from training.synth.render import MAX_SIZE, MIN_SIZE, render_with_generators
+
+CHUNK = 256
+"""Frames rendered at once: large enough to amortise numpy overhead, small enough for the cache."""
+
+
+def _generators(
+    rng_or_seed: int | np.random.Generator, n: int, stream: tuple[int, ...]
+) -> list[np.random.Generator]:
+    if isinstance(rng_or_seed, np.random.Generator):
+        return list(rng_or_seed.spawn(n))
+    if isinstance(rng_or_seed, bool) or not isinstance(rng_or_seed, int | np.integer):
+        raise TypeError(
+            f"rng_or_seed must be an int seed or a numpy Generator, got {type(rng_or_seed).__name__}"
+        )
+    return frame_generators(int(rng_or_seed), stream, range(n))
+
+
+def check_strength(
+    family: str, strength: float | npt.ArrayLike | None, n: int
+) -> npt.NDArray[np.float32] | None:
+    """Per-frame strengths from the caller's value(s), or None to draw them per frame."""
+    if strength is None:
+        return None
+    values = np.broadcast_to(np.asarray(strength, np.float32), (n,)).copy()
+    if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"strength must be in [0, 1], got {values.min():g}..{values.max():g}")
+    if family == NORMAL and np.any(values != 0):
+        raise ValueError("normal frames have strength 0")
+    return values
+
+
+def render_generators(
+    generators: list[np.random.Generator], size: int, family: str, strengths: npt.NDArray[np.float32] | None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Render one frame per generator, in chunks of ``CHUNK`` (chunking never changes a pixel)."""
+    fam = None if family == NORMAL else FAMILY_BY_NAME[family]
+    out = np.empty((len(generators), size, size, 3), np.uint8)
+    used = np.zeros(len(generators), np.float32)
+    for start in range(0, len(generators), CHUNK):
+        stop = start + CHUNK
+        given = None if strengths is None else strengths[start:stop]
+        out[start:stop], used[start:stop] = render_with_generators(generators[start:stop], size, fam, given)
+    return out, used
+
+
+def render_batch(
+    rng_or_seed: int | np.random.Generator,
+    n: int,
+    size: int,
+    family: str = NORMAL,
+    strength: float | npt.ArrayLike | None = None,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Render ``n`` frames of ``family``: ``(frames uint8 [n, size, size, 3], strengths float32 [n])``.
+
+    With an int seed, frame ``i`` is the same whatever ``n`` is (its seed is (seed, family, i)).
+    With a Generator, per-frame generators are spawned from it. ``strength`` is a float or one
+    value per frame in [0, 1]; None draws uniform strengths in 0.3..1.0 (0 for normal frames).
+    """
+    family_id(family)  # validates the name
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    generators = _generators(rng_or_seed, int(n), (RENDER_STREAM, family_id(family)))
+    return render_generators(generators, int(size), family, check_strength(family, strength, int(n)))
+
+
+RENDER_STREAM = 99
+"""Stream id of ``render_batch`` with an int seed (dataset splits use 0, 1, 2)."""

@@ -1,0 +1,57 @@
+"""The contact sheet: one row per family (normal first), eight frames of rising strength.
+
+It is written with every ``edgecase synth`` run so a person can check at a glance that the frames
+look like road scenes and that the families are told apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from training.synth.draws import frame_generators
+from training.synth.families import NORMAL, family_id
+from training.synth.render import STRENGTH_RANGE, render_with_generators
+
+PER_ROW = 8
+SHEET_STREAM = 3
+"""Seed stream of the contact sheet (splits use 0..2), so its frames are not dataset frames."""
+LABEL_W, PAD, HEADER_H = 104, 2, 18
+
+
+def contact_sheet_image(size: int, seed: int, families: Sequence[str]) -> Image.Image:
+    """Render the sheet: rows ``normal, *families``, cells upscaled to about 128 pixels."""
+    from training.synth.families import FAMILY_BY_NAME
+
+    rows = [NORMAL, *[f for f in families if f != NORMAL]]
+    scale = max(1, round(128 / size))
+    cell = size * scale
+    width = LABEL_W + PER_ROW * (cell + PAD) + PAD
+    height = HEADER_H + len(rows) * (cell + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(sheet)
+    lo, hi = STRENGTH_RANGE
+    strengths = np.linspace(lo, hi, PER_ROW).astype(np.float32)
+    title = f"edgecase synth  size {size}  seed {seed}  strength {lo:.2f} -> {hi:.2f} (left to right)"
+    draw.text((PAD + 2, 3), title, fill=(220, 220, 220))
+    for r, name in enumerate(rows):
+        generators = frame_generators(seed, (SHEET_STREAM, family_id(name)), range(PER_ROW))
+        family = None if name == NORMAL else FAMILY_BY_NAME[name]
+        frames, _ = render_with_generators(generators, size, family, None if family is None else strengths)
+        top = HEADER_H + r * (cell + PAD) + PAD
+        draw.text((PAD + 2, top + cell // 2 - 6), name, fill=(240, 240, 240))
+        for c, frame in enumerate(frames):
+            tile = Image.fromarray(frame).resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(tile, (LABEL_W + c * (cell + PAD), top))
+    return sheet
+
+
+def write_contact_sheet(path: Path | str, size: int, seed: int, families: Sequence[str]) -> Path:
+    """Write the contact sheet PNG to ``path`` and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet_image(size, seed, families).save(path, format="PNG", compress_level=6)
+    return path

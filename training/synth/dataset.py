@@ -1,0 +1,220 @@
+"""``write_dataset``: the splits ``edgecase synth`` writes, in any of the three on-disk formats.
+
+Layout and file names follow docs/architecture.md ("Data on disk"): keys
+``<split>/<family>/<family>_<index:06d>``, ``labels.csv``, ``synth.json`` and ``contact_sheet.png``.
+Frames are written through ``contract.writers.open_writer``. PNG encoding (the slow part) runs in
+a small thread pool while the next chunk renders; Pillow releases the GIL while it compresses, and
+the bytes are the same whichever thread made them, so output stays deterministic.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from training.synth.api import CHUNK
+from training.synth.contact_sheet import write_contact_sheet
+from training.synth.draws import frame_generators
+from training.synth.families import FAMILIES, FAMILY_BY_NAME, NORMAL, family_id
+from training.synth.render import MAX_SIZE, MIN_SIZE, STRENGTH_RANGE, render_with_generators
+
+SPLITS = ("train", "val", "test")
+FORMATS = ("dir", "tar", "parquet")
+SYNTH_VERSION = 1
+"""Bumped whenever the same seed and arguments would render different pixels."""
+LABEL_FIELDS = ("key", "path", "split", "family", "strength")
+
+
+def frame_key(split: str, family: str, index: int) -> str:
+    """The key of a frame in every format, e.g. ``test/fog/fog_000012``."""
+    return f"{split}/{family}/{family}_{index:06d}"
+
+
+def plan_jobs(
+    n_normal: int, n_val: int, n_test_normal: int, n_per_family: int, families: Sequence[str]
+) -> list[tuple[str, str, int]]:
+    """``(split, family, count)`` in write order: train and val normals, then the test split."""
+    jobs = [("train", NORMAL, n_normal), ("val", NORMAL, n_val), ("test", NORMAL, n_test_normal)]
+    jobs += [("test", family, n_per_family) for family in families]
+    return [job for job in jobs if job[2] > 0]
+
+
+def resolve_families(families: str | Sequence[str]) -> tuple[str, ...]:
+    """``"all"``, a comma list or a sequence of names -> family names in canonical order."""
+    if isinstance(families, str):
+        names = (
+            list(FAMILIES)
+            if families.strip() == "all"
+            else [f.strip() for f in families.split(",") if f.strip()]
+        )
+    else:
+        names = list(families)
+    unknown = [name for name in names if name not in FAMILY_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown families {', '.join(unknown)}; valid: all, {', '.join(FAMILIES)}")
+    return tuple(name for name in FAMILIES if name in names)
+
+
+def clear_previous_output(out: Path) -> None:
+    """Remove what an earlier ``edgecase synth`` wrote into ``out``; leave anything else alone."""
+    for name in ("labels.csv", "synth.json", "contact_sheet.png"):
+        (out / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        if (out / split).is_dir():
+            shutil.rmtree(out / split)
+        for suffix in ("tar", "parquet"):
+            for shard in out.glob(f"{split}-*.{suffix}"):
+                shard.unlink()
+
+
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _encode(frame: npt.NDArray[np.uint8]) -> bytes:
+    from contract.frames import encode_png
+
+    return encode_png(frame, compress_level=1)
+
+
+def write_dataset(
+    out: Path | str,
+    size: int = 64,
+    n_normal: int = 8000,
+    families: str | Sequence[str] = "all",
+    seed: int = 0,
+    fmt: str = "dir",
+    n_val: int = 1000,
+    n_test_normal: int = 1000,
+    n_per_family: int = 200,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    shard_size: int = 2000,
+) -> dict[str, Any]:
+    """Render and write the train/val/test splits, labels.csv, synth.json and the contact sheet.
+
+    Returns a summary: counts per split and family, paths, seconds and frames/s (render+write).
+    Refuses a non-empty ``out`` unless ``overwrite``, which removes only earlier synth output.
+    """
+    from contract.writers import open_writer
+
+    out = Path(out)
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    given = {
+        "n_normal": n_normal,
+        "n_val": n_val,
+        "n_test_normal": n_test_normal,
+        "n_per_family": n_per_family,
+    }
+    counts = {name: _check_count(name, value) for name, value in given.items()}
+    names = resolve_families(families)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} is not empty; pass overwrite=True (--overwrite) to replace earlier output"
+            )
+        clear_previous_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs = plan_jobs(
+        counts["n_normal"], counts["n_val"], counts["n_test_normal"], counts["n_per_family"], names
+    )
+    total = sum(count for _, _, count in jobs)
+    rows: list[tuple[str, str, str, str, str]] = []
+    started = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=workers or min(2, os.cpu_count() or 1))
+    bar = tqdm(total=total, unit="frame", desc="synth", disable=not progress)
+    try:
+        for split in SPLITS:
+            split_jobs = [job for job in jobs if job[0] == split]
+            if not split_jobs:
+                continue
+            with open_writer(out, fmt, split, shard_size=shard_size) as writer:  # type: ignore[arg-type]
+                pending: list[tuple[list[str], list[dict[str, Any]], list[Future[bytes]]]] = []
+                for _, family, count in split_jobs:
+                    stream = (SPLITS.index(split), family_id(family))
+                    fam = None if family == NORMAL else FAMILY_BY_NAME[family]
+                    for start in range(0, count, CHUNK):
+                        stop = min(count, start + CHUNK)
+                        frames, strengths = render_with_generators(
+                            frame_generators(int(seed), stream, range(start, stop)), int(size), fam
+                        )
+                        keys = [frame_key(split, family, i) for i in range(start, stop)]
+                        metas = [
+                            {"family": family, "split": split, "strength": round(float(s), 4)}
+                            for s in strengths
+                        ]
+                        pending.append((keys, metas, [pool.submit(_encode, frame) for frame in frames]))
+                        if len(pending) > 1:  # keep one chunk encoding while the next renders
+                            _flush(writer, pending.pop(0), rows, bar)
+                while pending:
+                    _flush(writer, pending.pop(0), rows, bar)
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - started
+
+    with open(out / "labels.csv", "w", newline="") as handle:
+        writer_csv = csv.writer(handle)
+        writer_csv.writerow(LABEL_FIELDS)
+        writer_csv.writerows(rows)
+    by_split: dict[str, dict[str, int]] = {}
+    for split, family, count in jobs:
+        by_split.setdefault(split, {})[family] = count
+    config = {
+        "generator": "training.synth",
+        "version": SYNTH_VERSION,
+        "size": int(size),
+        "seed": int(seed),
+        "format": fmt,
+        **counts,
+        "families": list(names),
+        "strength_range": list(STRENGTH_RANGE),
+        "shard_size": shard_size,
+        "splits": by_split,
+        "frames": total,
+    }
+    (out / "synth.json").write_text(json.dumps(config, indent=2) + "\n")
+    sheet = write_contact_sheet(out / "contact_sheet.png", int(size), int(seed), names)
+    return {
+        **config,
+        "out": str(out),
+        "labels": str(out / "labels.csv"),
+        "contact_sheet": str(sheet),
+        "seconds": seconds,
+        "frames_per_s": total / seconds if seconds > 0 else float("inf"),
+    }
+
+
+def _flush(
+    writer: Any,
+    chunk: tuple[list[str], list[dict[str, Any]], list[Future[bytes]]],
+    rows: list[tuple[str, str, str, str, str]],
+    bar: tqdm,
+) -> None:
+    """Write one encoded chunk (in key order) and record its labels."""
+    keys, metas, futures = chunk
+    for key, meta, future in zip(keys, metas, futures, strict=True):
+        path = writer.write(key, future.result(), meta)
+        rows.append((key, path, meta["split"], meta["family"], f"{meta['strength']:.4f}"))
+    bar.update(len(keys))
