@@ -111,7 +111,10 @@ def plot_tsne(
         x, lab = x[keep], lab[keep]
     if len(x) >= 3:
         perplexity = float(min(30.0, (len(x) - 1) / 3))
-        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        # exact gradients for small sets: Barnes-Hut's per-iteration overhead dominates there
+        method = "exact" if len(x) < 300 else "barnes_hut"
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method)
+        emb = tsne.fit_transform(x)
     else:
         emb = np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
     fig = Figure(figsize=(6.5, 5.5), layout="tight")
