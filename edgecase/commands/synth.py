@@ -1,0 +1,88 @@
+"""`edgecase synth`: write synthetic dashcam frames (normal + edge-case families) to disk."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgecase.commands import add_command
+
+FAMILY_NAMES = (
+    "night, fog, rain, snow, pedestrian, animal, sharp_curve, construction, glare, lens_dirt, sensor_fault"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        sub,
+        "synth",
+        "Generate synthetic driving frames: train/val normals and a test split with every edge-case family.",
+        "edgecase synth --out data/synth --size 64 --n-normal 8000 --families all --seed 0 --format dir",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must be empty or new)")
+    parser.add_argument("--size", type=int, default=64, help="frame size in pixels, 32..256 (default 64)")
+    parser.add_argument("--n-normal", type=int, default=8000, help="normal frames in the train split")
+    parser.add_argument("--n-val", type=int, default=1000, help="normal frames in the val split")
+    parser.add_argument("--n-test-normal", type=int, default=1000, help="normal frames in the test split")
+    parser.add_argument("--n-per-family", type=int, default=200, help="test frames of each edge-case family")
+    parser.add_argument(
+        "--families", default="all", help=f"'all' or a comma list of: {FAMILY_NAMES} (default all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed and flags, same frames")
+    parser.add_argument(
+        "--format",
+        choices=("dir", "tar", "parquet"),
+        default="dir",
+        help="PNG folder, WebDataset tar or Parquet",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier synth output in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from edgecase.cli import CliError
+
+    if not 32 <= args.size <= 256:
+        raise CliError(f"--size must be between 32 and 256, got {args.size}")
+    for flag in ("n_normal", "n_val", "n_test_normal", "n_per_family"):
+        if getattr(args, flag) < 0:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"--out {out} is not empty; pass --overwrite to replace earlier synth output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecase.cli import CliError
+    from training.synth.dataset import resolve_families, write_dataset
+
+    _validate(args)
+    try:
+        families = resolve_families(args.families)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    summary = write_dataset(
+        args.out,
+        size=args.size,
+        n_normal=args.n_normal,
+        families=families,
+        seed=args.seed,
+        fmt=args.format,
+        n_val=args.n_val,
+        n_test_normal=args.n_test_normal,
+        n_per_family=args.n_per_family,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {summary['frames']} frames ({args.size}x{args.size}, format {args.format}) to {args.out}")
+    for split, counts in summary["splits"].items():
+        detail = ", ".join(f"{family} {count}" for family, count in counts.items())
+        print(f"  {split:<5} {sum(counts.values()):>6}  ({detail})")
+    print(f"labels:        {summary['labels']}")
+    print(f"contact sheet: {summary['contact_sheet']}")
+    rate, seconds = summary["frames_per_s"], summary["seconds"]
+    print(f"speed:         {rate:.0f} frames/s (render + encode + write, {seconds:.1f} s)")
+    return 0
