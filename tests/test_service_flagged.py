@@ -229,3 +229,14 @@ def test_export_of_edge_cases_and_refusing_to_overwrite(store: FlaggedStore, tmp
     assert read_labels(tmp_path / "empty") == []
     with pytest.raises(ValueError, match="review must be"):
         store.export("all", tmp_path / "x")
+
+
+def test_exported_normals_are_read_as_training_frames(store: FlaggedStore, tmp_path: Path) -> None:
+    """The round trip the store exists for: reviewed-as-normal frames join the next training set."""
+    from training.data import load_training_frames
+
+    for seed in range(3):
+        store.review(add(store, seed=seed).id, "normal")
+    store.export("normal", tmp_path / "reviewed")
+    data = load_training_frames([tmp_path / "reviewed"], size=4)
+    assert data.train.shape == (3, 4, 4, 3) and data.train.dtype == np.uint8

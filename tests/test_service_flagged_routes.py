@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from service_helpers import solid_png
+from service_helpers import publish_model, running_server, solid_png
 
 from service.errors import install_error_handlers
 from service.flagged import FlaggedStore
@@ -139,3 +139,25 @@ def test_the_openapi_spec_describes_the_routes(app: FastAPI) -> None:
         "edge_case",
         "normal",
     ]
+
+
+def test_on_a_real_server_a_scored_edge_case_is_listed_reviewed_and_needs_the_api_key(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish_model(repo, "bright", 1, size=8, threshold=0.5)
+    settings = {"api_keys": ["s3cret"], "default_model": "bright"}
+    with running_server(repo, settings, log_dir=tmp_path) as server, server.client() as http:
+        auth = {"Authorization": "Bearer s3cret"}
+        assert http.get("/flagged").status_code == 401
+        assert http.get("/flagged", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        files = [
+            ("files", ("dark.png", solid_png(10), "image/png")),
+            ("files", ("lit.png", solid_png(250), "image/png")),
+        ]
+        dark, lit = http.post("/score", files=files, headers=auth).json()["results"]
+        assert "flagged_id" not in dark and lit["flagged_id"] >= 1
+        listing = http.get("/flagged", params={"model": "bright"}, headers=auth).json()
+        assert [(item["id"], item["key"]) for item in listing["items"]] == [(lit["flagged_id"], "lit.png")]
+        image = http.get(f"/flagged/{lit['flagged_id']}/image", headers=auth)
+        assert image.content == solid_png(250) and image.headers["content-type"] == "image/png"
+        review = http.post(f"/flagged/{lit['flagged_id']}/review", json={"label": "normal"}, headers=auth)
+        assert review.status_code == 200 and review.json()["review"] == "normal"
