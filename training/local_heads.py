@@ -9,13 +9,13 @@ compared only with normal features seen at ``(i + di, j + dj)``, ``|di|, |dj| <=
 on the road or asphalt-grey in the sky is then anomalous even though both are normal elsewhere (the
 idea PaDiM, Defard et al. 2021, uses with one Gaussian per location).
 
-Graph (export-friendly: conv, bmm, min, max, bilinear resize):
-``frames uint8 NHWC -> [-1, 1] -> early conv layers of the run's network (the first
-``depth`` conv blocks of the VAE encoder or of the GAN discriminator) -> per-channel standardisation
--> 3x3 average pooling (PatchCore's local neighbourhood aggregation) -> fixed random projection to
-``dim`` channels (Johnson-Lindenstrauss; keeps the bank small) -> per location min squared distance to
-its bank [L, M, dim] -> sqrt -> anomaly map (upsampled bilinearly to H x W) and score = max over
-locations``. The max is the reduction rule because one small object occupies one or two locations.
+Graph (export-friendly: conv, bmm, min, max, bilinear resize): frames uint8 NHWC -> [-1, 1] ->
+the first ``depth`` conv blocks of the run's network (VAE encoder or GAN discriminator; 2 at 64 px,
+a 16 x 16 grid) -> per-channel standardisation -> 3x3 average pooling (PatchCore's local
+neighbourhood aggregation) -> a fixed random projection to ``dim`` channels (Johnson-Lindenstrauss;
+keeps the bank small) -> per location, the min squared distance to its bank [L, M, dim] -> sqrt ->
+anomaly map (upsampled bilinearly to H x W) and score = max over locations. The max is the
+reduction rule because one small object occupies one or two locations.
 
 The bank holds at most ``bank_size`` (default 256) entries per location, chosen from the candidates
 (features of training normals at the location and its neighbours) by greedy k-centre coreset
@@ -26,6 +26,7 @@ first time the graph is built and cached in ``RUN_DIR/banks/<head>.pt``.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 BANK_SIZE = 256
+GRID_SIDE = 16
 RADIUS = 1
 PROJECTION_DIM = 64
 MAX_BANK_FRAMES = 1500
@@ -211,11 +213,20 @@ def early_layers(network: nn.Module, depth: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), channels
 
 
+def default_depth(size: int) -> int:
+    """Conv blocks (each halves the resolution) that bring ``size`` to a GRID_SIDE x GRID_SIDE grid.
+
+    64 px -> 2 blocks (stride 4), 128 px -> 3 (stride 8): the grid, hence the bank and the latency,
+    stays the same size, and a location covers the same fraction of the frame at every resolution.
+    """
+    return max(1, round(math.log2(max(size, GRID_SIDE) / GRID_SIDE)))
+
+
 def build_patch_graph(
     run_dir: str | Path,
     kind: str,
     *,
-    depth: int = 2,
+    depth: int | None = None,
     bank_size: int = BANK_SIZE,
     radius: int = RADIUS,
     dim: int = PROJECTION_DIM,
@@ -223,12 +234,15 @@ def build_patch_graph(
 ) -> PatchDistanceGraph:
     """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
 
+    ``depth`` (conv blocks of early features) defaults to :func:`default_depth` of the run's size.
+
     ``random_init`` swaps the trained early layers for the same layers at their random
     initialisation (an ablation: are trained features needed?).
     """
     run_dir = Path(run_dir)
     head = f"{kind}-patch" + ("-random" if random_init else "")
     network, config = early_network(run_dir, kind, random_init=random_init)
+    depth = depth or default_depth(int(config["size"]))
     backbone, channels = early_layers(network, depth)
     settings: dict[str, Any] = {
         "version": BANK_FORMAT_VERSION,

@@ -1,0 +1,299 @@
+"""Accuracy benchmark: every score head and pixel baseline, per edge-case family (issue 3, item 7).
+
+(a) ``synthetic``: ``edgecase synth`` (fixed seed, N training normals) -> ``edgecase train vae`` and
+    ``edgecase train gan`` with default settings (or ``--minutes`` each) -> every head of both runs
+    and the three pixel baselines scored on the synth test split -> AUROC per family, mean over
+    families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. An ablation row per
+    kind scores the patch head with *randomly initialised* early layers (are trained features needed?).
+(b) ``digits``: scikit-learn's handwritten digits (8x8 grey, 1,797 images), upsampled to 32x32 RGB by
+    the one resize rule (contract.frames.resize_frame). One-class protocol: for each digit, 60% of its
+    images train, 15% validate (early stopping, calibration), 25% are the normal test frames; the
+    test frames of every other digit are the anomalies. AUROC (normal digit vs all others) of each
+    head and baseline, and the mean over the ten digits.
+
+Each part prints a Markdown table and writes it (and a JSON with every number) under ``--out``.
+
+    python bench/bench_accuracy.py synthetic --size 64 --n-normal 8000 --out bench-out/acc64
+    python bench/bench_accuracy.py digits --minutes 1 --out bench-out/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench_accuracy")
+
+TARGET_FAMILIES = ("fog", "rain", "pedestrian", "animal", "construction")
+
+
+def edgecase(*args: str) -> None:
+    """Run an ``edgecase`` subcommand in a subprocess (its own progress bars), failing loudly."""
+    cmd = [sys.executable, "-m", "edgecase.cli", *args]
+    log.info("$ edgecase %s", " ".join(args))
+    subprocess.run(cmd, check=True)
+
+
+def train(kind: str, data: Path, out: Path, minutes: float | None, extra: list[str]) -> Path:
+    """Train one run with default settings (unless ``minutes`` or ``extra`` say otherwise)."""
+    if (out / "model.pt").is_file():
+        log.info("reusing %s", out)
+        return out
+    args = ["train", kind, "--data", str(data), "--out", str(out), "--seed", "0", *extra]
+    if minutes is not None:
+        args += ["--max-minutes", str(minutes)]
+    edgecase(*args)
+    return out
+
+
+def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
+    """The patch head with random-init early layers, calibrated like the others; a ScorerResult."""
+    from training.calibrate import calibrate_scores
+    from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
+    from training.local_heads import build_patch_graph, run_normals
+
+    graph = build_patch_graph(run_dir, kind, random_init=True)
+    val = run_normals(run_dir, "val")
+    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=f"{kind}-patch (random init)")
+    scores, _ = score_with_maps(graph, frames, desc=f"{kind}-patch random")
+    result = ScorerResult(f"{kind}-patch (random init)", "ablation", scores, calibration)
+    result.metrics = evaluate_scores(scores, families, calibration.threshold)
+    return result
+
+
+def family_table(results: list[Any], families: list[str]) -> str:
+    """Markdown: one row per scorer, mean AUROC over families, then AUROC per family."""
+    names = sorted(set(families) - {"normal"})
+    header = "| scorer | mean AUROC | " + " | ".join(names) + " | overall AUPR | FPR@95TPR | FPR@thr |"
+    lines = [header, "|" + "---|" * (len(names) + 5)]
+    for r in sorted(results, key=lambda r: -r.metrics["mean_auroc"]):
+        fam = r.metrics["families"]
+        o = r.metrics["overall"]
+        cells = [f"{fam[f]['auroc']:.3f}" for f in names]
+        lines.append(
+            f"| `{r.name}` | **{r.metrics['mean_auroc']:.3f}** | "
+            + " | ".join(cells)
+            + f" | {o['aupr']:.3f} | {o['fpr_at_95tpr']:.3f} | {o['false_positive_rate']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def detection_table(results: list[Any], families: list[str]) -> str:
+    """Markdown: detection rate per family at the calibrated threshold (target FPR 1%)."""
+    names = sorted(set(families) - {"normal"})
+    lines = ["| scorer | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for r in sorted(results, key=lambda r: -r.metrics["mean_auroc"]):
+        fam = r.metrics["families"]
+        lines.append(f"| `{r.name}` | " + " | ".join(f"{fam[f]['detection_rate']:.2f}" for f in names) + " |")
+    return "\n".join(lines)
+
+
+def target_check(results: list[Any]) -> list[str]:
+    """The issue's targets for the best head, each marked met or missed."""
+    heads = [r for r in results if r.source == "head"]
+    baselines = [r for r in results if r.source == "baseline"]
+    best = max(heads, key=lambda r: r.metrics["mean_auroc"])
+    fam = best.metrics["families"]
+    lines = [f"Best head: `{best.name}`"]
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    mean = best.metrics["mean_auroc"]
+    lines.append(f"- mean AUROC >= 0.90: {mean:.3f} ({mark(mean >= 0.9)})")
+    worst = min(fam, key=lambda f: fam[f]["auroc"])
+    lines.append(
+        f"- every family >= 0.6: worst {worst} {fam[worst]['auroc']:.3f} ({mark(fam[worst]['auroc'] >= 0.6)})"
+    )
+    for f in ("fog", "rain"):
+        if f in fam:
+            lines.append(f"- {f} >= 0.9: {fam[f]['auroc']:.3f} ({mark(fam[f]['auroc'] >= 0.9)})")
+    for f in ("pedestrian", "animal", "construction"):
+        if f in fam and baselines:
+            top = max(b.metrics["families"][f]["auroc"] for b in baselines)
+            lines.append(
+                f"- {f} above every baseline: {fam[f]['auroc']:.3f} vs best baseline {top:.3f} "
+                f"({mark(fam[f]['auroc'] > top)})"
+            )
+    return lines
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    """Part (a): synth -> train VAE and GAN -> evaluate every head and baseline per family."""
+    from training.evaluate import evaluate_run
+
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "labels.csv").is_file():
+        edgecase(
+            "synth",
+            "--out",
+            str(data),
+            "--size",
+            str(args.size),
+            "--n-normal",
+            str(args.n_normal),
+            "--seed",
+            str(args.seed),
+            *args.synth_args,
+        )
+    timings: dict[str, float] = {}
+    results: list[Any] = []
+    families: list[str] = []
+    for kind in args.kinds:
+        start = time.perf_counter()
+        run = train(kind, data, out / kind, args.minutes, args.train_args)
+        timings[f"train {kind} (s)"] = time.perf_counter() - start
+        start = time.perf_counter()
+        kind_results, families, frames, _ = evaluate_run(
+            run, data, max_per_family=args.max_per_family, baselines=kind == args.kinds[0]
+        )
+        results += kind_results
+        if args.ablation:
+            results.append(ablation_scores(run, kind, frames, families))
+        timings[f"evaluate {kind} (s)"] = time.perf_counter() - start
+    counts = {f: families.count(f) for f in sorted(set(families))}
+    text = "\n".join(
+        [
+            f"### Synthetic {args.size}x{args.size} ({args.n_normal} training normals, seed {args.seed})",
+            "",
+            "Test frames: " + ", ".join(f"{f} {c}" for f, c in counts.items()),
+            "",
+            "AUROC per family (each family vs the normal test frames):",
+            "",
+            family_table(results, families),
+            "",
+            "Detection rate at the calibrated threshold (target FPR 1% on validation normals):",
+            "",
+            detection_table(results, families),
+            "",
+            *target_check(results),
+            "",
+            "Timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        ]
+    )
+    print(text)
+    (out / f"accuracy_{args.size}.md").write_text(text + "\n")
+    numbers = {r.name: {"source": r.source, **r.metrics} for r in results}
+    (out / f"accuracy_{args.size}.json").write_text(
+        json.dumps({"counts": counts, "timings": timings, "scorers": numbers}, indent=1)
+    )
+    return 0
+
+
+def write_digit_folder(root: Path, digit: int, seed: int) -> Path:
+    """One-class labelled folder for ``digit``: train/val/test normals, other digits as test anomalies."""
+    from sklearn.datasets import load_digits
+
+    from contract.frames import encode_png, resize_frame
+    from contract.labels import LabelRow, write_labels
+
+    if (root / "labels.csv").is_file():
+        return root
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    rng = np.random.default_rng(seed)
+    rows = []
+    normal = rng.permutation(np.flatnonzero(digits.target == digit))
+    n_train, n_val = int(0.6 * len(normal)), int(0.15 * len(normal))
+    splits = {
+        "train": normal[:n_train],
+        "val": normal[n_train : n_train + n_val],
+        "test": normal[n_train + n_val :],
+    }
+    for other in range(10):
+        if other != digit:  # the same 25% share of every other digit: its "test" images
+            idx = rng.permutation(np.flatnonzero(digits.target == other))
+            splits[f"digit{other}"] = idx[int(0.75 * len(idx)) :]
+    for split, indices in splits.items():
+        family = "normal" if split in ("train", "val", "test") else split
+        real_split = split if family == "normal" else "test"
+        for i in indices:
+            rgb = np.repeat(images[i][:, :, None], 3, axis=2)
+            frame = resize_frame(rgb, 32)
+            key = f"{real_split}/{family}/{family}_{i:06d}"
+            path = root / f"{key}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_png(frame))
+            rows.append(LabelRow(key, f"{key}.png", real_split, family, 0.0 if family == "normal" else 1.0))
+    write_labels(root, rows)
+    return root
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    """Part (b): one-class digits, all ten digits, overall AUROC of each head and baseline."""
+    from training.evaluate import evaluate_run
+
+    out = Path(args.out)
+    table: dict[str, dict[int, float]] = {}
+    for digit in args.digits:
+        root = out / f"digit{digit}"
+        data = write_digit_folder(root / "data", digit, args.seed)
+        for kind in args.kinds:
+            run = train(kind, data, root / kind, args.minutes, ["--size", "32", *args.train_args])
+            results, _, _, _ = evaluate_run(run, data, baselines=kind == args.kinds[0])
+            for r in results:
+                table.setdefault(r.name, {})[digit] = r.metrics["overall"]["auroc"]
+        log.info("digit %d: %s", digit, {k: round(v[digit], 3) for k, v in table.items() if digit in v})
+    digits = list(args.digits)
+    lines = [
+        "### Handwritten digits, one-class (sklearn load_digits, 32x32 RGB)",
+        "",
+        "AUROC of the normal digit's test images vs every other digit's test images:",
+        "",
+        "| scorer | mean | " + " | ".join(str(d) for d in digits) + " |",
+        "|" + "---|" * (len(digits) + 2),
+    ]
+    for name, by_digit in sorted(table.items(), key=lambda kv: -np.mean(list(kv[1].values()))):
+        cells = " | ".join(f"{by_digit[d]:.3f}" if d in by_digit else "-" for d in digits)
+        lines.append(f"| `{name}` | **{np.mean(list(by_digit.values())):.3f}** | {cells} |")
+    text = "\n".join(lines)
+    print(text)
+    (out / "accuracy_digits.md").write_text(text + "\n")
+    (out / "accuracy_digits.json").write_text(json.dumps(table, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    syn = sub.add_parser("synthetic", help="synth -> train VAE and GAN -> every head and baseline per family")
+    syn.add_argument("--size", type=int, default=64)
+    syn.add_argument("--n-normal", type=int, default=8000)
+    syn.add_argument("--max-per-family", type=int, default=None, help="test frames per family (default: all)")
+    syn.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="skip random-init patch rows"
+    )
+    syn.add_argument("--synth-args", default="", help='extra flags for edgecase synth, e.g. "--n-test 200"')
+    dig = sub.add_parser("digits", help="one-class handwritten digits, all ten digits")
+    dig.add_argument("--digits", type=int, nargs="+", default=list(range(10)))
+    for p in (syn, dig):
+        p.add_argument(
+            "--out", required=True, help="folder for data, runs and result tables (reused if present)"
+        )
+        p.add_argument("--kinds", nargs="+", default=["vae", "gan"], choices=["vae", "gan"])
+        p.add_argument(
+            "--minutes", type=float, default=None, help="training budget per run (default: trainer's)"
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--train-args", default="", help='extra flags for edgecase train, e.g. "--epochs 5"')
+    args = parser.parse_args(argv)
+    args.train_args = shlex.split(args.train_args)
+    args.synth_args = shlex.split(getattr(args, "synth_args", ""))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_synthetic(args) if args.part == "synthetic" else run_digits(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
