@@ -279,14 +279,17 @@ def start_server(
     wait: Literal["ready", "alive", "none"] = "ready",
     timeout: float = 60.0,
     log_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RunningServer:
     """Start the app on a free loopback port and wait until it is ready (or alive, or not at all).
 
     `settings` are Settings field names -> values, passed as EDGECASE_* env vars. `via_cli` starts it
-    with `edgecase serve` (needed for workers > 1); otherwise `uvicorn --factory` directly.
+    with `edgecase serve` (needed for workers > 1); otherwise `uvicorn --factory` directly. `env` adds
+    other environment variables (e.g. PROMETHEUS_MULTIPROC_DIR).
     """
     port = free_port()
-    env = server_env(Path(repo), settings, log_dir)
+    extra_env = dict(env or {})
+    env = server_env(Path(repo), settings, log_dir) | extra_env
     log_path = Path(log_dir or Path(repo).parent) / f"server-{port}.log"
     if via_cli or workers > 1:
         cmd = [sys.executable, "-m", "edgecase.cli", "serve", "--repo", str(repo)]
