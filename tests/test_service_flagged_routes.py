@@ -111,6 +111,8 @@ def test_review_records_the_label_and_filters_by_it(app: FastAPI, store: Flagged
         ("GET", "/flagged?limit=0", {}, 422, "invalid_request"),
         ("GET", "/flagged?limit=100000", {}, 422, "invalid_request"),
         ("GET", "/flagged?since=yesterday", {}, 422, "invalid_request"),
+        ("GET", "/flagged?until=0.5", {}, 422, "invalid_request"),  # unix seconds: not what the spec says
+        ("GET", "/flagged?until=2026-01-31", {}, 422, "invalid_request"),  # a date without a time
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_reason(

@@ -8,12 +8,13 @@ Thin on purpose: the store (`service/flagged.py`, built in the app's lifespan an
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.errors import NotFoundError, NotReadyError, error_responses
 from service.flagged import (
@@ -30,6 +31,19 @@ router = APIRouter(tags=["flagged"])
 MAX_PAGE = 1000
 IMAGE_MEDIA_TYPES = sorted(set(MEDIA_TYPES.values()))
 _MAX_ID = 2**63 - 1  # SQLite's INTEGER range: larger ids cannot exist, and must not reach the driver
+
+
+_ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_datetime_only(value: object) -> object:
+    """Pydantic would also take unix seconds or a bare date; the spec promises ISO-8601 date-times."""
+    if isinstance(value, str) and not _ISO_DATETIME.match(value.strip()):
+        raise ValueError("expected an ISO-8601 date-time such as 2026-01-31T08:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_datetime_only)]
 
 
 class FlaggedItem(BaseModel):
@@ -104,9 +118,11 @@ def list_flagged(
     model: Annotated[str | None, Query(max_length=256, description="model name")] = None,
     version: Annotated[int | None, Query(ge=1, le=_MAX_ID, description="model version")] = None,
     since: Annotated[
-        datetime | None, Query(description="flagged at or after (ISO-8601; UTC if no zone)")
+        IsoDateTime | None, Query(description="flagged at or after (ISO-8601; UTC if no zone)")
     ] = None,
-    until: Annotated[datetime | None, Query(description="flagged before (ISO-8601; UTC if no zone)")] = None,
+    until: Annotated[
+        IsoDateTime | None, Query(description="flagged before (ISO-8601; UTC if no zone)")
+    ] = None,
     review: Annotated[ReviewState | None, Query(description="review state")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0, le=_MAX_ID)] = 0,
