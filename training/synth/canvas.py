@@ -118,18 +118,18 @@ class Patch(Canvas):
     """Square crops of some frames of a parent canvas; ``paste`` writes them back."""
 
     def __init__(self, parent: Canvas, frames: I64, left: I64, top: I64, side: int) -> None:
-        s = parent.size
+        s, k = parent.size, len(frames)
         steps = np.arange(side)
         rows = top[:, None] + steps  # (k, P)
         cols = left[:, None] + steps
-        self._index = (rows[:, :, None] * s + cols[:, None, :]).reshape(len(frames), side * side)
-        self._parent, self._frames, self._side = parent, frames, side
-        flat_img = parent.img.reshape(parent.n, 3, s * s)[frames]
-        flat_depth = parent.depth.reshape(parent.n, s * s)[frames]
-        img = np.take_along_axis(flat_img, self._index[:, None, :], axis=2).reshape(
-            len(frames), 3, side, side
-        )
-        depth = np.take_along_axis(flat_depth, self._index, axis=1).reshape(len(frames), side, side)
+        pixel = (rows[:, :, None] * s + cols[:, None, :]).reshape(k, side * side)
+        # Flat indices into the parent's contiguous buffers: no copies of whole frames.
+        self._depth_index = frames[:, None] * (s * s) + pixel
+        channel = np.arange(3)[None, :, None] * (s * s)
+        self._img_index = (frames[:, None, None] * (3 * s * s) + channel + pixel[:, None, :]).reshape(-1)
+        self._parent, self._k, self._side = parent, k, side
+        img = parent.img.reshape(-1)[self._img_index].reshape(k, 3, side, side)
+        depth = parent.depth.reshape(-1)[self._depth_index].reshape(k, side, side)
         centre = np.float32(0.5)
         xs = ((cols + centre) / np.float32(s)).astype(np.float32)[:, None, :]
         ys = ((rows + centre) / np.float32(s)).astype(np.float32)[:, :, None]
@@ -137,15 +137,8 @@ class Patch(Canvas):
 
     def paste(self) -> None:
         """Write the painted crops back into the parent frames."""
-        s, k, p = self._parent.size, len(self._frames), self._side
-        flat_img = self._parent.img.reshape(self._parent.n, 3, s * s)
-        flat_depth = self._parent.depth.reshape(self._parent.n, s * s)
-        sub_img = flat_img[self._frames]
-        np.put_along_axis(sub_img, self._index[:, None, :], self.img.reshape(k, 3, p * p), axis=2)
-        flat_img[self._frames] = sub_img
-        sub_depth = flat_depth[self._frames]
-        np.put_along_axis(sub_depth, self._index, self.depth.reshape(k, p * p), axis=1)
-        flat_depth[self._frames] = sub_depth
+        self._parent.img.reshape(-1)[self._img_index] = self.img.reshape(-1)
+        self._parent.depth.reshape(-1)[self._depth_index.reshape(-1)] = self.depth.reshape(-1)
 
 
 def paint_in_patches(

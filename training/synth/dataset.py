@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from training.synth.api import CHUNK
+from training.synth.api import chunk_frames
 from training.synth.contact_sheet import write_contact_sheet
 from training.synth.draws import frame_generators
 from training.synth.families import FAMILIES, FAMILY_BY_NAME, NORMAL, family_id
@@ -154,8 +154,9 @@ def write_dataset(
                 for _, family, count in split_jobs:
                     stream = (SPLITS.index(split), family_id(family))
                     fam = None if family == NORMAL else FAMILY_BY_NAME[family]
-                    for start in range(0, count, CHUNK):
-                        stop = min(count, start + CHUNK)
+                    chunk = chunk_frames(int(size))
+                    for start in range(0, count, chunk):
+                        stop = min(count, start + chunk)
                         frames, strengths = render_with_generators(
                             frame_generators(int(seed), stream, range(start, stop)), int(size), fam
                         )

@@ -43,14 +43,28 @@ def _depth_for_height(scene: Scene, height_px: F32, world_h: F32, size: int) -> 
     return np.clip(t, 0.03, 0.97).astype(np.float32)
 
 
-def _lateral(ctx: RenderContext, on_road_p: float) -> F32:
-    """On the road (in some lane) with probability ``on_road_p``, else on a verge just off it."""
-    r, lanes = ctx.draws.family, ctx.scene.lanes.astype(np.float32)
+def visible_u(scene: Scene, t: F32, margin: float = 0.06) -> tuple[F32, F32]:
+    """The lateral range (lane widths) that is on screen, ``margin`` inside the frame, at depth ``t``."""
+    centre = scene.vanish_x + scene.curve * (np.float32(1.0) - t) ** 3
+    scale = scene.lane_w * t
+    lo = scene.ego_u + (np.float32(margin) - centre) / scale
+    hi = scene.ego_u + (np.float32(1.0 - margin) - centre) / scale
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _lateral(ctx: RenderContext, t: F32, on_road_p: float) -> F32:
+    """On the road (in some lane) with probability ``on_road_p``, else on a verge just off it.
+
+    Clipped to what the camera sees at depth ``t``: a near object is never placed off screen.
+    """
+    r, scene = ctx.draws.family, ctx.scene
+    lanes = scene.lanes.astype(np.float32)
     on_road = r.bernoulli(on_road_p)
-    across = r.uniform(0.15, 1.0) * (lanes - np.float32(0.3)) + np.float32(0.0)
+    across = np.float32(0.15) + r.uniform(0.0, 1.0) * (lanes - np.float32(0.3))
     off = r.uniform(0.2, 0.55)
     verge = np.where(r.bernoulli(0.5), -off, lanes + off)
-    return np.where(on_road, across, verge).astype(np.float32)
+    lo, hi = visible_u(scene, t)
+    return np.clip(np.where(on_road, across, verge), lo, hi).astype(np.float32)
 
 
 def pedestrian_world(ctx: RenderContext) -> None:
@@ -60,7 +74,7 @@ def pedestrian_world(ctx: RenderContext) -> None:
     height = (np.float32(0.5) * r.uniform(0.8, 1.1)).astype(np.float32)  # 1.75 m is half a lane width
     target = (np.float32(2.5) + np.float32(17.5) * s) * r.uniform(0.85, 1.1)
     t = _depth_for_height(scene, target, height, cv.size)
-    u = _lateral(ctx, 0.65)
+    u = _lateral(ctx, t, 0.65)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * height  # screen units per person height
     z = (np.float32(1.0) / t).astype(np.float32)
@@ -91,7 +105,7 @@ def animal_world(ctx: RenderContext) -> None:
     shoulder = np.where(deer, np.float32(0.3), np.float32(0.17)).astype(np.float32)  # 1 m / 0.6 m
     target = (np.float32(2.0) + np.float32(12.0) * s) * r.uniform(0.85, 1.1)
     t = _depth_for_height(scene, target / np.float32(1.4), shoulder, cv.size)
-    u = _lateral(ctx, 0.8)
+    u = _lateral(ctx, t, 0.8)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * shoulder  # screen units per shoulder height
     z = (np.float32(1.0) / t).astype(np.float32)
@@ -124,9 +138,16 @@ def construction_world(ctx: RenderContext) -> None:
     cv, scene, r, s = ctx.cv, ctx.scene, ctx.draws.family, ctx.strength
     assert cv is not None
     lanes = scene.lanes.astype(np.float32)
-    line = np.floor(r.uniform() * (lanes + 1)).astype(np.float32).clip(0, lanes)
-    closed_side = np.where(line >= lanes, np.float32(-1.0), np.where(line <= 0, np.float32(1.0), r.sign()))
     z0 = (np.float32(5.5) - np.float32(4.0) * s) * r.uniform(0.85, 1.15)
+    # A lane line the camera sees at the first cone (near cones on a far lane would be off screen).
+    lo, hi = visible_u(scene, (np.float32(1.0) / z0).astype(np.float32), margin=0.1)
+    lo, hi = np.clip(np.ceil(lo), 0, lanes), np.clip(np.floor(hi), 0, lanes)
+    line = (
+        np.floor(lo + r.uniform() * (np.maximum(hi, lo) - lo + 1))
+        .astype(np.float32)
+        .clip(lo, np.maximum(hi, lo))
+    )
+    closed_side = np.where(line >= lanes, np.float32(-1.0), np.where(line <= 0, np.float32(1.0), r.sign()))
     gap = r.uniform(0.5, 1.1)
     count = np.round(np.float32(3.0) + np.float32(5.0) * s).astype(np.int64)
     cz = z0[:, None] + gap[:, None] * np.arange(N_CONES, dtype=np.float32)
