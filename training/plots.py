@@ -16,7 +16,7 @@ import numpy.typing as npt
 from matplotlib.figure import Figure
 from PIL import Image
 
-_SKIP_KEYS = {"epoch", "time", "seconds", "lr", "step"}
+_SKIP_KEYS = {"epoch", "time", "seconds", "lr", "step", "partial_epoch_frames"}
 
 
 def plot_losses(
