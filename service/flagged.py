@@ -220,8 +220,12 @@ class FlaggedStore:
     def _image_file(self, sha256: str, ext: str) -> Path:
         return self.images_dir / sha256[:2] / f"{sha256}.{ext}"
 
-    def _write_image(self, data: bytes, ext: str) -> str:
-        """Store ``data`` once under its sha256 and return the digest; durable when this returns."""
+    def _write_image(self, data: bytes, ext: str) -> tuple[str, Path]:
+        """Store ``data`` once under its sha256; returns ``(digest, the folder holding it)``.
+
+        The file itself is fsynced before its rename; the caller fsyncs the returned folders (once per
+        folder for a whole batch) before committing rows that point to these images.
+        """
         sha256 = hashlib.sha256(data).hexdigest()
         final = self._image_file(sha256, ext)
         folder = final.parent
@@ -231,8 +235,9 @@ class FlaggedStore:
                 _fsync_dir(self.images_dir)
             self._known_dirs.add(folder)
         if final.is_file() and final.stat().st_size == len(data):
-            # Same bytes already stored (content-addressed): only ever renamed in after an fsync.
-            return sha256
+            # Same bytes already stored (content-addressed): only ever renamed in after an fsync. The
+            # folder is still synced, in case the process that renamed it died before doing so.
+            return sha256, folder
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{sha256[:16]}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -244,8 +249,7 @@ class FlaggedStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        _fsync_dir(folder)
-        return sha256
+        return sha256, folder
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -283,10 +287,14 @@ class FlaggedStore:
                 raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
             prepared.append((flag, data, _normalise_ext(flag.ext), metadata_json))
         # Images first: a row committed below must never point to a file that is not durable yet.
-        rows = [
-            (flag, self._write_image(data, ext), ext, metadata_json)
-            for flag, data, ext, metadata_json in prepared
-        ]
+        rows = []
+        folders: set[Path] = set()
+        for flag, data, ext, metadata_json in prepared:
+            sha256, folder = self._write_image(data, ext)
+            rows.append((flag, sha256, ext, metadata_json))
+            folders.add(folder)
+        for folder in folders:  # the renames are durable before any row points at them
+            _fsync_dir(folder)
         now = time.time()
         ids = []
         with self._transaction() as conn:
