@@ -144,6 +144,22 @@ def test_compose_mounts_models_and_the_flagged_store_and_the_deploy_configs() ->
     assert scrape["static_configs"][0]["targets"] == ["edgecase:8000"]
 
 
+def test_the_kubernetes_manifest_probes_real_routes_and_keeps_one_store_writer() -> None:
+    from service.app import create_app
+    from service.settings import Settings
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "edgecase.yaml").read_text())}
+    deployment = docs["Deployment"]["spec"]
+    # SQLite is safe across one pod's workers, not across pods: one replica, never two at once.
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    (container,) = deployment["template"]["spec"]["containers"]
+    routes = set(create_app(Settings()).openapi()["paths"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in routes
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in routes
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"/models", "/data/flagged"}
+
+
 def test_the_serving_images_never_install_torch() -> None:
     cpu = (DEPLOY / "Dockerfile").read_text()
     gpu = (DEPLOY / "Dockerfile.gpu").read_text()
