@@ -30,41 +30,38 @@ def apply_roll(cv: Canvas, roll: F32) -> None:
     cv.img = out.reshape(cv.n, 3, s, s)
 
 
-def soften(cv: Canvas, amount: F32) -> None:
-    """Optical softness: a separable ``[w, 1 - 2w, w]`` blur per frame, ``w = amount / 3``.
+def soften_and_expose(cv: Canvas, amount: F32, exposure: F32, tint: F32) -> None:
+    """Optical softness, auto-exposure and white balance in one pass over the pixels.
 
-    ``amount`` 1 is a 3x3 box blur; edge pixels keep their own weight (edge replication).
+    Softness is a 5-tap cross ``img (1 - 4w) + w (up + down + left + right)`` with
+    ``w = amount / 5`` per frame (edge pixels reuse themselves); the per-frame, per-channel gain
+    multiplies the same pass instead of costing one of its own.
     """
-    w = (amount / np.float32(3.0)).reshape(-1, 1, 1, 1).astype(np.float32)
-    for axis in (2, 3):
-        img = cv.img
-        out = img * (np.float32(1.0) - np.float32(2.0) * w)
-        lo = [slice(None)] * 4
-        hi = [slice(None)] * 4
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        out[tuple(hi)] += w * img[tuple(lo)]
-        out[tuple(lo)] += w * img[tuple(hi)]
-        first = [slice(None)] * 4
-        last = [slice(None)] * 4
-        first[axis], last[axis] = slice(0, 1), slice(-1, None)
-        out[tuple(first)] += w * img[tuple(first)]
-        out[tuple(last)] += w * img[tuple(last)]
-        cv.img = out
+    img, n = cv.img, cv.n
+    gain = (exposure[:, None] * tint).reshape(n, 3, 1, 1).astype(np.float32)
+    w = (amount / np.float32(5.0)).reshape(n, 1, 1, 1).astype(np.float32)
+    side = img * (w * gain)
+    out = img * ((np.float32(1.0) - np.float32(4.0) * w) * gain)
+    out[:, :, 1:] += side[:, :, :-1]
+    out[:, :, :-1] += side[:, :, 1:]
+    out[:, :, :, 1:] += side[:, :, :, :-1]
+    out[:, :, :, :-1] += side[:, :, :, 1:]
+    out[:, :, :1] += side[:, :, :1]
+    out[:, :, -1:] += side[:, :, -1:]
+    out[:, :, :, :1] += side[:, :, :, :1]
+    out[:, :, :, -1:] += side[:, :, :, -1:]
+    cv.img = out
 
 
-def expose(cv: Canvas, exposure: F32, tint: F32) -> None:
-    """Auto-exposure and white balance differ a little from frame to frame."""
-    cv.img *= (exposure[:, None] * tint).reshape(cv.n, 3, 1, 1)
+def quantise_with_noise(img: F32, uniforms: F32, sigma: F32) -> npt.NDArray[np.uint8]:
+    """Add zero-mean sensor noise (std ``sigma``, from the frame's own uniforms) and round to NHWC uint8.
 
-
-def add_noise(cv: Canvas, uniforms: F32, sigma: F32) -> None:
-    """Sensor noise with standard deviation ``sigma`` from the frame's own uniforms (zero mean)."""
-    noise = uniforms - np.float32(0.5)
-    noise *= (sigma * np.float32(np.sqrt(12.0))).reshape(-1, 1, 1, 1)
-    cv.img += noise
-
-
-def to_uint8(img: F32) -> npt.NDArray[np.uint8]:
-    """Planar float frames in [0, 1] to NHWC uint8 (rounded, clipped)."""
-    out = np.clip(img * np.float32(255.0) + np.float32(0.5), 0.0, 255.0).astype(np.uint8)
-    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+    Uniform noise scaled by sqrt(12) has the requested standard deviation; the 255 scale and the
+    +0.5 of rounding are folded into the same two operations.
+    """
+    k = (sigma * np.float32(255.0 * np.sqrt(12.0))).reshape(-1, 1, 1, 1).astype(np.float32)
+    noise = uniforms * k
+    noise += np.float32(0.5) - np.float32(0.5) * k
+    noise += img * np.float32(255.0)
+    np.clip(noise, 0.0, 255.0, out=noise)
+    return np.ascontiguousarray(noise.astype(np.uint8).transpose(0, 2, 3, 1))

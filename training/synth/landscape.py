@@ -139,10 +139,12 @@ def paint_road(scene: Scene, frame: Canvas, t_full: F32, below_full: F32) -> Roa
     cv.composite(verge, scene.verge)
     road = np.clip((margin + np.float32(0.15)) * to_px + np.float32(0.5), 0.0, 1.0) * below
 
+    # Nearest lane line k and the signed offset from it, in lane widths.
+    k = np.clip(np.rint(u), 0.0, lanes)
+    offset = np.abs(u - k)
     # Wheel paths sit at a quarter and three quarters of each lane (triangle wave, squared).
-    w = u * np.float32(2.0)
-    w -= np.floor(w)
-    tracks = np.float32(1.0) - np.abs(w * np.float32(2.0) - np.float32(1.0))
+    tracks = np.abs(offset * np.float32(4.0) - np.float32(1.0))
+    np.clip(np.float32(1.0) - tracks, 0.0, 1.0, out=tracks)
     tracks *= tracks
     asphalt = scene.asphalt[:, :, None, None] * (np.float32(1.0) - np.float32(0.09) * tracks)[:, None]
     if scene.snow_cover.any():
@@ -150,19 +152,24 @@ def paint_road(scene: Scene, frame: Canvas, t_full: F32, below_full: F32) -> Roa
         asphalt = asphalt + (SNOW[None, :, None, None] - asphalt) * cover_snow[:, None]
     cv.composite(road, asphalt)
 
-    # Nearest lane line k; "inner" is 1 for lines between lanes and 0 for the two road edges.
-    k = np.clip(np.rint(u), 0.0, lanes)
-    dist = np.abs(u - k) * scale
-    hw = col(scene.line_hw) * scale
-    line = cover(dist, -hw, hw, cv.px)
+    # Line coverage: half-width hw around k, antialiased; capped at 2 hw / px for sub-pixel lines.
+    hw_px = col(scene.line_hw) * to_px
+    line = offset * to_px
+    np.subtract(hw_px + np.float32(0.5), line, out=line)
+    np.clip(line, 0.0, 1.0, out=line)
+    np.minimum(line, np.float32(2.0) * hw_px, out=line)
+    # "inner" is 1 for lines between lanes and 0 for the two road edges.
     inner = np.minimum(np.minimum(k, lanes - k), np.float32(1.0))
     dashed = col(scene.dashed.astype(np.float32))
     dashes = np.float32(1.0) + dashed * (dash_pattern(scene, cv, t_row) - np.float32(1.0))
     line *= np.float32(1.0) + inner * (dashes - np.float32(1.0))
     line *= below * (np.float32(1.0) - col(np.clip(scene.snow_cover * 1.3, 0, 1).astype(np.float32)))
-    left_edge = np.float32(1.0) - np.minimum(k, np.float32(1.0))
-    yellow = col(scene.left_yellow.astype(np.float32)) * left_edge
-    yellow += col(scene.inner_yellow.astype(np.float32)) * inner
+    yellow = inner * col(scene.inner_yellow.astype(np.float32))
+    if scene.left_yellow.any():
+        left_edge = np.float32(1.0) - np.minimum(k, np.float32(1.0))
+        yellow += left_edge * col(scene.left_yellow.astype(np.float32))
     white = scene.marking[:, :, None, None]
-    cv.composite(line, white + (YELLOW[None, :, None, None] - white) * yellow[:, None])
+    paint = yellow[:, None] * (YELLOW[None, :, None, None] - white)
+    paint += white
+    cv.composite(line, paint)
     return RoadMaps(top=top, t_row=t_row, below=below, u=u, road=road)

@@ -72,7 +72,7 @@ def paint_rails(scene: Scene, frame: Canvas, t_full: F32, below_full: F32) -> No
         x_b = scene.ground_x(np.broadcast_to(col(u), t_b.shape), t_b)
         a = cover(cv.xs, np.minimum(x_a, x_b), np.maximum(x_a, x_b), cv.px) * (below * col(on))
         np.maximum(alpha, a, out=alpha)
-    cv.composite(alpha, rgb(scene.n, RAIL), np.minimum(np.float32(1.0) / t_row, np.float32(60.0)))
+    cv.composite(alpha, rgb(scene.n, RAIL))  # at ground level: the ground depth is close enough
 
 
 def _slot(values: npt.NDArray, pick: npt.NDArray[np.intp]) -> npt.NDArray:

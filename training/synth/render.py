@@ -1,7 +1,7 @@
 """Render batches of frames: the pipeline from per-frame randomness to NHWC uint8.
 
 world (sky, hills, road, props) -> family objects -> haze/fog -> air (lights, rain, snow) ->
-roll -> lens (glare, dirt) -> softness, exposure, noise -> sensor faults -> uint8.
+roll -> lens (glare, dirt) -> softness and exposure -> sensor faults -> noise -> uint8.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from training.synth.camera import add_noise, apply_roll, expose, soften, to_uint8
+from training.synth.camera import apply_roll, quantise_with_noise, soften_and_expose
 from training.synth.canvas import SKY_DEPTH, Canvas, col
 from training.synth.context import Family, RenderContext
 from training.synth.draws import draw_frames
@@ -81,9 +81,7 @@ def render_with_generators(
     apply_roll(cv, scene.roll)
     if hooks.lens:
         hooks.lens(ctx)
-    soften(cv, scene.blur)
-    expose(cv, scene.exposure, scene.tint)
-    add_noise(cv, draws.noise, scene.noise)
+    soften_and_expose(cv, scene.blur, scene.exposure, scene.tint)
     if hooks.sensor:
         hooks.sensor(ctx)
-    return to_uint8(cv.img), strength
+    return quantise_with_noise(cv.img, draws.noise, scene.noise), strength
