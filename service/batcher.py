@@ -7,6 +7,11 @@ While a batch runs, new frames queue up, so under load batches fill without wait
 A request larger than a batch is split across consecutive batches; each request gets one future with
 its own rows back, in order.
 
+One departure from Triton, on by default (`eager=True`): the delay is only spent while another
+request is already on its way to this batcher (looked up, still decoding: see `incoming()`). A lone
+request goes at once instead of waiting out the delay, so low concurrency pays no batching latency
+while high concurrency still fills batches. `eager=False` gives Triton's rule exactly.
+
 The queue is bounded in frames: a request that does not fit answers 429 (`QueueFullError`) at once
 instead of growing memory. `close()` stops taking requests but finishes everything queued, which is
 what a hot swap needs: in-flight requests complete on the old version while new ones go to the new.
@@ -20,7 +25,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -68,6 +73,7 @@ class Batcher:
         max_batch_size: int = 32,
         max_queue_delay_ms: float = 2.0,
         max_queue_frames: int = 1024,
+        eager: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_frames < 1 or max_queue_delay_ms < 0:
@@ -78,6 +84,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_frames = max_queue_frames
+        self.eager = eager
+        self._incoming = 0  # requests between lookup and submit (decoding, resizing)
         self._metrics = metrics
         self._labels = {"model": name, "version": str(version)}
         self._queue: deque[_Pending] = deque()
@@ -103,6 +111,16 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._collect(), name=f"batcher-{self.name}-{self.version}"
             )
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce a request that will submit soon (wrap its decoding), so a forming batch waits for it."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wakeup.set()
 
     async def submit(self, frames: npt.NDArray[np.uint8]) -> Outputs:
         """Score an NHWC uint8 batch of any size; returns each output with one row per frame, in order.
@@ -159,6 +177,8 @@ class Batcher:
             # Wait for a full batch or until the oldest frame has waited max_delay (Triton's rule).
             deadline = self._queue[0].enqueued_at + self.max_delay_s
             while self._queued_frames < self.max_batch_size and not self._closed:
+                if self.eager and self._incoming == 0:
+                    break  # nobody else is coming: waiting would only add latency
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

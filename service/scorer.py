@@ -237,6 +237,7 @@ class ModelPool:
             max_batch_size=s.max_batch_size,
             max_queue_delay_ms=s.max_queue_delay_ms,
             max_queue_frames=s.max_queue_frames,
+            eager=s.eager_dispatch,
             metrics=self.metrics,
         )
         batcher.start()
@@ -276,6 +277,9 @@ class ModelPool:
 
 
 # -- one request ---------------------------------------------------------------------------------
+
+INLINE_DECODE_BYTES = 32 * 1024
+"""Requests whose images add up to at most this many bytes are decoded on the event loop."""
 
 
 class FrameResult(BaseModel):
@@ -331,7 +335,12 @@ async def score_payloads(
     """Decode, resize, batch, score; write edge cases to the store before returning (durable ack)."""
     serving = await pool.resolve(options.model, options.version)
     h, w, _ = serving.model.frame_shape
-    frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
+    if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
+        # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.
+        frames, batch = _prepare(payloads, h, w, options.max_pixels)
+    else:
+        with serving.batcher.incoming():
+            frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
     for _attempt in range(3):
         try:
             outputs = await serving.batcher.submit(batch)

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most frames in one session.run")
     max_queue_delay_ms: float = Field(2.0, ge=0.0, description="longest wait for a batch to fill up")
     max_queue_frames: int = Field(1024, ge=1, description="frames waiting per model version before 429")
+    eager_dispatch: bool = Field(
+        True, description="skip the delay when no other request is on its way (False = Triton's rule)"
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session; 0 = one per core")
 
     # Limits on what a client may send (decompression bombs, memory).

@@ -44,6 +44,7 @@ def frames_with(values: list[int]) -> npt.NDArray[np.uint8]:
 def make(model: RecordingModel, **kwargs: object) -> Batcher:
     kwargs.setdefault("max_batch_size", 8)
     kwargs.setdefault("max_queue_delay_ms", 20.0)
+    kwargs.setdefault("eager", False)  # Triton's rule unless a test is about eager dispatch
     return Batcher(model, name="m", version=1, metrics=Metrics(CollectorRegistry()), **kwargs)  # type: ignore[arg-type]
 
 
@@ -76,6 +77,30 @@ def test_a_full_batch_goes_without_waiting_for_the_delay() -> None:
         return elapsed
 
     assert asyncio.run(scenario()) < 2.0
+
+
+def test_eager_dispatch_sends_a_lone_request_at_once_but_waits_for_announced_ones() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> tuple[float, list[int]]:
+        batcher = make(model, max_queue_delay_ms=5_000.0, eager=True)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(frames_with([1]))  # nobody else announced: no 5 s wait
+        lone = time.perf_counter() - started
+
+        async def announced(value: int, decode_s: float) -> None:
+            with batcher.incoming():
+                await asyncio.sleep(decode_s)  # stands in for decoding in a thread
+            await batcher.submit(frames_with([value]))
+
+        await asyncio.gather(announced(2, 0.0), announced(3, 0.2))
+        await batcher.close()
+        return lone, model.batches
+
+    lone, batches = asyncio.run(scenario())
+    assert lone < 1.0
+    assert batches == [1, 2], "the second batch waited for the announced request still decoding"
 
 
 def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:

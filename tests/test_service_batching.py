@@ -48,7 +48,12 @@ def test_concurrent_requests_are_coalesced_into_batches(tmp_path: Path) -> None:
 def test_a_full_queue_answers_429_with_retry_after_and_recovers(tmp_path: Path) -> None:
     publish_model(tmp_path / "models", "bright", 1)
     # 3-frame requests against a 4-frame queue: the first waits out the 1.5 s delay, the second cannot fit.
-    settings = {"max_batch_size": 4, "max_queue_frames": 4, "max_queue_delay_ms": 1500}
+    settings = {
+        "max_batch_size": 4,
+        "max_queue_frames": 4,
+        "max_queue_delay_ms": 1500,
+        "eager_dispatch": False,
+    }
     with running_server(tmp_path / "models", settings, log_dir=tmp_path) as server:
         files = [("files", (f"{i}.png", solid_png(i))) for i in range(3)]
         with concurrent.futures.ThreadPoolExecutor(1) as pool, server.client() as client:

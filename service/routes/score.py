@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.auth import require_api_key
 from service.decoding import FILES_FIELD, JSON, MULTIPART, RAW_IMAGE_TYPES, media_type, parse_payloads
@@ -55,7 +55,7 @@ async def score(
     model: Annotated[str | None, Query(max_length=200, description="model name; default: configured")] = None,
     version: Annotated[int | None, Query(ge=1, description="model version; default: highest")] = None,
     maps: Annotated[bool, Query(description="add each frame's anomaly map (base64 PNG)")] = False,
-) -> ScoreResponse:
+) -> Response:
     """Score frames: score, p-value, threshold and edge-case flag per frame; edge cases are stored."""
     payloads = await parse_payloads(
         request, max_body_bytes=settings.max_body_bytes, max_frames=settings.max_frames_per_request
@@ -67,4 +67,6 @@ async def score(
         max_pixels=settings.max_pixels_per_frame,
         source=_SOURCES.get(media_type(request), "raw"),
     )
-    return await score_payloads(pool, payloads, options, store)
+    result = await score_payloads(pool, payloads, options, store)
+    # Serialised here, once: returning the model would make FastAPI validate it a second time.
+    return Response(result.model_dump_json(exclude_none=True), media_type="application/json")
