@@ -216,14 +216,18 @@ def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], 
     return np.concatenate(frames), labels
 
 
-def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8]) -> None:
+def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8], dry_run: bool) -> None:
+    """Calibrate every head of the run on the val normals (a dry run: only the VAE's own heads,
+    since local and combined heads read the whole training set to build their banks)."""
     try:
         from training.calibrate import calibrate_run
     except ImportError:
         log.info("training.calibrate not available: skipping calibration")
         return
+    from training.vae_heads import VAE_HEAD_BUILDERS
+
     try:
-        calibrate_run(run_dir, val)
+        calibrate_run(run_dir, val, heads=list(VAE_HEAD_BUILDERS) if dry_run else None)
     except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
         log.exception("calibration of %s failed; the trained model is kept", run_dir)
 
@@ -247,6 +251,8 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
 
     Writes config.json, history.jsonl, checkpoint.pt every epoch, model.pt whenever validation
     bits/dim improve, the plots, and (if training.calibrate exists) calibration of every head.
+    ``resume`` continues after the last checkpointed epoch with the saved config and data; only run
+    control (epochs, patience, max_minutes, device, amp, calibrate) is taken from ``cfg``.
     """
     run_dir = runs.create_run_dir(out_dir, resume=resume)
     if resume:
@@ -339,7 +345,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     if cfg.dry_run:
         _check_heads(run_dir, data.val[:2])
     if cfg.calibrate:
-        _calibrate(run_dir, data.val)
+        _calibrate(run_dir, data.val, cfg.dry_run)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir
 
