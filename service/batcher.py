@@ -224,12 +224,12 @@ class Batcher:
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._score, batch)
+            wrong = {k: list(v.shape) for k, v in outputs.items() if v.ndim == 0 or len(v) != len(batch)}
+            if wrong:
+                raise ValueError(f"outputs {wrong} do not have one row per frame ({len(batch)})")
         except Exception as exc:  # onnxruntime has its own exception types
             log.error("model %s/%s failed on a batch of %d: %s", self.name, self.version, len(batch), exc)
-            error = InferenceError(f"model {self.name} version {self.version} failed: {exc}")
-            for pending, _, _ in parts:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            self._fail(parts, InferenceError(f"model {self.name} version {self.version} failed: {exc}"))
             return
         elapsed = time.perf_counter() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
@@ -242,6 +242,12 @@ class Batcher:
             if not pending.future.done():
                 self._deliver(pending, outputs, offset, start, count)
             offset += count
+
+    @staticmethod
+    def _fail(parts: list[tuple[_Pending, int, int]], error: Exception) -> None:
+        for pending, _, _ in parts:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     @staticmethod
     def _deliver(pending: _Pending, outputs: Outputs, offset: int, start: int, count: int) -> None:

@@ -8,7 +8,8 @@ The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (sh
 `score = mean of anomaly_map` (shape [N]), so a frame's score is its mean brightness in [0, 1]:
 a black frame scores 0, a white frame 1. With the default threshold 0.5, bright frames are edge cases.
 
-Stable names used by other test modules: `build_brightness_graph`, `publish_model`, `publish_broken`,
+Stable names used by other test modules: `build_brightness_graph`, `build_failing_graph`,
+`publish_model`, `publish_broken`,
 `solid_png`, `free_port`, `start_server`, `running_server`, `RunningServer`, `wait_until`.
 """
 
@@ -62,6 +63,24 @@ def build_brightness_graph(size: int = 8, *, with_map: bool = True, opset: int =
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def build_failing_graph(size: int = 8) -> bytes:
+    """A graph that loads and matches the manifest but fails on every run (Gather index out of range)."""
+    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", size, size, 3])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
+    anomaly_map = helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size])
+    nodes = [
+        helper.make_node("Cast", ["frames"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["as_float"], ["anomaly_map"], axes=[3], keepdims=0),
+        helper.make_node("Gather", ["anomaly_map", "bad_index"], ["row"], axis=1),
+        helper.make_node("ReduceMean", ["row"], ["score"], axes=[1], keepdims=0),
+    ]
+    bad_index = helper.make_tensor("bad_index", TensorProto.INT64, [], [size + 1000])
+    graph = helper.make_graph(nodes, "failing", [frames], [score, anomaly_map], initializer=[bad_index])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
     return model.SerializeToString()
 
 
@@ -153,15 +172,18 @@ def publish_broken(
     name: str = "bright",
     version: int = 2,
     *,
-    how: Literal["graph", "hash", "shape"] = "graph",
+    how: Literal["graph", "hash", "shape", "runtime"] = "graph",
     size: int = 8,
 ) -> Path:
     """Publish a version that must be refused at load time.
 
     graph: model.onnx is not an ONNX graph (hash matches, onnxruntime fails);
     hash: the manifest's sha256 does not match model.onnx;
-    shape: the manifest promises a different input size than the graph has.
+    shape: the manifest promises a different input size than the graph has;
+    runtime: a valid graph that matches its manifest but fails when run (only warm-up can catch it).
     """
+    if how == "runtime":
+        return publish_model(repo, name, version, size=size, graph=build_failing_graph(size))
     if how == "graph":
         return publish_model(repo, name, version, size=size, graph=b"this is not an onnx graph")
     path = publish_model(repo, name, version, size=size)

@@ -172,6 +172,23 @@ def test_a_failing_model_fails_only_its_batch_with_an_inference_error() -> None:
     assert "graph exploded" in str(asyncio.run(scenario()))
 
 
+def test_a_model_returning_the_wrong_number_of_rows_is_an_inference_error() -> None:
+    def short(frames: npt.NDArray[np.uint8]) -> dict[str, npt.NDArray[np.float32]]:
+        return {"score": np.zeros(1, np.float32)}
+
+    async def scenario() -> str:
+        batcher = Batcher(short, name="m", version=1, max_queue_delay_ms=0)
+        batcher.start()
+        with pytest.raises(InferenceError) as caught:
+            await batcher.submit(frames_with([1, 2, 3]))
+        still_serving = await batcher.submit(frames_with([4]))  # one frame, one row: fine again
+        assert still_serving["score"].shape == (1,)
+        await batcher.close()
+        return str(caught.value)
+
+    assert "one row per frame" in asyncio.run(scenario())
+
+
 def test_metrics_record_batch_sizes_queue_wait_and_inference_time() -> None:
     metrics = Metrics(CollectorRegistry())
 

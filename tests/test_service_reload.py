@@ -87,19 +87,19 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Pat
         server.client() as client,
         Load(server.url) as load,
     ):
-        for version, how in [(2, "graph"), (3, "hash"), (4, "shape")]:
+        for version, how in [(2, "graph"), (3, "hash"), (4, "shape"), (5, "runtime")]:
             publish_broken(repo, "bright", version, how=how)
             report = client.post("/admin/reload").json()
             assert report["loaded"] == [] and list(report["refused"]) == [f"bright/{version}"]
             assert report["serving"] == {"bright": 1}
-        assert "sha256" in report["refused"]["bright/4"] or "16" in report["refused"]["bright/4"]
+        assert "warm-up failed" in report["refused"]["bright/5"]
         n = len(load.versions)
         assert wait_until(lambda: len(load.versions) >= n + 10)
         metrics = client.get("/metrics").text
         models = client.get("/models").json()["models"][0]
     assert load.errors == [] and set(load.versions) == {1}
-    assert metric_value(metrics, "edgecase_model_loads_total", model="bright", outcome="refused") == 3
-    assert models["version"] == 1 and models["available_versions"] == [1, 2, 3, 4]
+    assert metric_value(metrics, "edgecase_model_loads_total", model="bright", outcome="refused") == 4
+    assert models["version"] == 1 and models["available_versions"] == [1, 2, 3, 4, 5]
     assert "refused bright/2" in server.log()
 
 
