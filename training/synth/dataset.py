@@ -84,10 +84,14 @@ def _check_count(name: str, value: int) -> int:
     return int(value)
 
 
-def _encode(frame: npt.NDArray[np.uint8]) -> bytes:
+ENCODE_GROUP = 64
+"""Frames per encoding task: few enough tasks that thread hand-offs cost nothing next to zlib."""
+
+
+def _encode(frames: npt.NDArray[np.uint8]) -> list[bytes]:
     from contract.frames import encode_png
 
-    return encode_png(frame, compress_level=1)
+    return [encode_png(frame, compress_level=1) for frame in frames]
 
 
 def write_dataset(
@@ -150,7 +154,7 @@ def write_dataset(
             if not split_jobs:
                 continue
             with open_writer(out, fmt, split, shard_size=shard_size) as writer:  # type: ignore[arg-type]
-                pending: list[tuple[list[str], list[dict[str, Any]], list[Future[bytes]]]] = []
+                pending: list[tuple[list[str], list[dict[str, Any]], list[Future[list[bytes]]]]] = []
                 for _, family, count in split_jobs:
                     stream = (SPLITS.index(split), family_id(family))
                     fam = None if family == NORMAL else FAMILY_BY_NAME[family]
@@ -165,7 +169,9 @@ def write_dataset(
                             {"family": family, "split": split, "strength": round(float(s), 4)}
                             for s in strengths
                         ]
-                        pending.append((keys, metas, [pool.submit(_encode, frame) for frame in frames]))
+                        groups = range(0, len(frames), ENCODE_GROUP)
+                        futures = [pool.submit(_encode, frames[g : g + ENCODE_GROUP]) for g in groups]
+                        pending.append((keys, metas, futures))
                         if len(pending) > 1:  # keep one chunk encoding while the next renders
                             _flush(writer, pending.pop(0), rows, bar)
                 while pending:
@@ -209,13 +215,14 @@ def write_dataset(
 
 def _flush(
     writer: Any,
-    chunk: tuple[list[str], list[dict[str, Any]], list[Future[bytes]]],
+    chunk: tuple[list[str], list[dict[str, Any]], list[Future[list[bytes]]]],
     rows: list[tuple[str, str, str, str, str]],
     bar: tqdm,
 ) -> None:
     """Write one encoded chunk (in key order) and record its labels."""
     keys, metas, futures = chunk
-    for key, meta, future in zip(keys, metas, futures, strict=True):
-        path = writer.write(key, future.result(), meta)
+    encoded = [data for future in futures for data in future.result()]
+    for key, meta, data in zip(keys, metas, encoded, strict=True):
+        path = writer.write(key, data, meta)
         rows.append((key, path, meta["split"], meta["family"], f"{meta['strength']:.4f}"))
     bar.update(len(keys))
