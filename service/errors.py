@@ -150,7 +150,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     status = status_code_of(exc)
-    if status >= 500:
+    if status == 500:  # 503 (not ready) is routine at startup; a 500 is a real problem
         log.error("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.detail)
     return error_response(status, exc.code, exc.detail, frame=exc.frame, headers=exc.headers or None)
 
