@@ -238,3 +238,8 @@ def test_family_lists_resolve_in_canonical_order() -> None:
     assert resolve_families("snow, night") == ("night", "snow")
     with pytest.raises(ValueError, match="unknown families hail; valid: all, night"):
         resolve_families("night,hail")
+
+
+def test_an_empty_family_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="no families given"):
+        resolve_families(" , ")

@@ -64,19 +64,22 @@ def run(args: argparse.Namespace) -> int:
         families = resolve_families(args.families)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    summary = write_dataset(
-        args.out,
-        size=args.size,
-        n_normal=args.n_normal,
-        families=families,
-        seed=args.seed,
-        fmt=args.format,
-        n_val=args.n_val,
-        n_test_normal=args.n_test_normal,
-        n_per_family=args.n_per_family,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = write_dataset(
+            args.out,
+            size=args.size,
+            n_normal=args.n_normal,
+            families=families,
+            seed=args.seed,
+            fmt=args.format,
+            n_val=args.n_val,
+            n_test_normal=args.n_test_normal,
+            n_per_family=args.n_per_family,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileExistsError) as exc:  # e.g. the folder filled up since the check
+        raise CliError(str(exc)) from exc
     print(f"wrote {summary['frames']} frames ({args.size}x{args.size}, format {args.format}) to {args.out}")
     for split, counts in summary["splits"].items():
         detail = ", ".join(f"{family} {count}" for family, count in counts.items())

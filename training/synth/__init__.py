@@ -2,7 +2,9 @@
 
 No driving data set can be downloaded here, so edgecase makes its own. Normal frames are the bulk
 of a fleet's data (daytime, clear sky, highway, straight road) with wide natural variation; the
-edge cases come in families, each with a ``strength`` in [0, 1]. Rendering is numpy only,
+edge cases come in families, each with a ``strength`` in [0, 1]. Every normal parameter is drawn
+per frame (in the spirit of domain randomisation, Tobin et al., IROS 2017) so that "normal" is a
+broad distribution rather than one picture a model could memorise. Rendering is numpy only,
 vectorised over a batch, and deterministic: a frame depends only on (seed, split, family, index).
 
 Public API: ``FAMILIES``, ``render_batch``, ``write_dataset``, ``write_contact_sheet``.

@@ -60,6 +60,8 @@ def resolve_families(families: str | Sequence[str]) -> tuple[str, ...]:
         )
     else:
         names = list(families)
+    if isinstance(families, str) and not names:
+        raise ValueError(f"no families given; use 'all' or a comma list of: {', '.join(FAMILIES)}")
     unknown = [name for name in names if name not in FAMILY_BY_NAME]
     if unknown:
         raise ValueError(f"unknown families {', '.join(unknown)}; valid: all, {', '.join(FAMILIES)}")

@@ -31,7 +31,12 @@ STRENGTH_RANGE = (0.3, 1.0)
 
 
 def apply_haze(ctx: RenderContext) -> None:
-    """Aerial perspective: blend towards the haze colour by ``1 - exp(-density * depth)``."""
+    """Aerial perspective and fog: blend towards the haze colour by ``1 - exp(-density * depth)``.
+
+    This is Koschmieder's law as used in vision (Narasimhan & Nayar, "Vision and the Atmosphere",
+    IJCV 2002): attenuation of the object's light plus airlight, both set by distance. The sky
+    keeps its gradient unless fog veils it (``sky_veil``).
+    """
     cv, scene = ctx.cv, ctx.scene
     assert cv is not None
     depth = np.minimum(cv.depth, MAX_GROUND_DEPTH)

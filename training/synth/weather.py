@@ -122,7 +122,11 @@ def rain_scene(ctx: RenderContext) -> None:
 
 
 def _streaks(drops: F32, length: int, slope: float) -> F32:
-    """Motion-blur sparse drops into slanted streaks by summing shifted copies."""
+    """Motion-blur sparse drops into slanted streaks by summing shifted copies.
+
+    A falling drop seen during one exposure is a thin, bright, semi-transparent streak (Garg &
+    Nayar, "Detection and Removal of Rain from Videos", CVPR 2004).
+    """
     out = drops.copy()
     for k in range(1, length):
         out += np.roll(drops, (k, round(k * slope)), axis=(1, 2))
