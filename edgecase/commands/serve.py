@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         # Env first, flags on top; then written back to env so every worker sees the same settings.
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise CliError(f"invalid settings: {exc}") from exc
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CliError(f"invalid settings: {problems}") from exc
     except ModuleNotFoundError as exc:
         raise CliError(f"the service is not installed ({exc.name}); pip install -e '.[serve,cpu]'") from exc
     if not settings.repo.is_dir():
