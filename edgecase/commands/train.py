@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, metavar="RUN_DIR", help="run directory to create (or --resume)"
     )
+    # defaults (None here) are those of VAEConfig / GANConfig, recorded in RUN_DIR/config.json
     parser.add_argument("--epochs", type=int, help="maximum epochs")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="Adam learning rate")
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed: same seed, same data, CPU -> same weights")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (CUDA if available)")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--max-minutes", type=float, help="wall-clock budget; stops after the current epoch")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training loop, stopped cleanly")
     parser.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from its checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="one tiny batch through every step (seconds)")
