@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed: same seed, same data, CPU -> same weights")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (CUDA if available)")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training loop, stopped cleanly")
+    parser.add_argument("--max-minutes", type=float, help="training-loop time budget, stops cleanly")
     parser.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from its checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="one tiny batch through every step (seconds)")
