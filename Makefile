@@ -16,6 +16,7 @@ demo: $(BIN)/.installed  ## the main job end to end on synthetic frames
 	$(BIN)/edgecase demo
 
 test: $(BIN)/.installed  ## lint + the default (fast) test suite
+	@scripts/install-test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
