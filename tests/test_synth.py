@@ -243,3 +243,18 @@ def test_family_lists_resolve_in_canonical_order() -> None:
 def test_an_empty_family_list_is_refused() -> None:
     with pytest.raises(ValueError, match="no families given"):
         resolve_families(" , ")
+
+
+def test_contact_sheet_has_a_labelled_row_per_family_normal_first(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.synth import write_contact_sheet
+    from training.synth.contact_sheet import HEADER_H, LABEL_W, PAD, PER_ROW
+
+    path = write_contact_sheet(tmp_path / "sheet.png", 32, 0, ("glare", "fog"))
+    image = np.asarray(Image.open(path).convert("RGB"))
+    cell = 128  # 32 px frames are upscaled 4x so a person can see them
+    assert image.shape == (HEADER_H + 3 * (cell + PAD) + PAD, LABEL_W + PER_ROW * (cell + PAD) + PAD, 3)
+    label_column = image[HEADER_H:, :LABEL_W].max(axis=2)
+    rows_with_text = [(label_column[r * (cell + PAD) : (r + 1) * (cell + PAD)] > 150).any() for r in range(3)]
+    assert all(rows_with_text)
