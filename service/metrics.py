@@ -7,9 +7,11 @@ values to files there and `/metrics` merges all of them (`MultiProcessCollector`
 for the whole server. Gauges declare how they merge (`multiprocess_mode`).
 
 Labels stay low-cardinality: route templates (not raw paths), model name and version, status code.
-The score distribution is exported as conformal p-values (`edgecase_score_p_value`): they are uniform
-on [0, 1] for frames like the calibration normals whatever the model's score units, so drift shows as
-mass piling up near 0 on one shared set of buckets. The raw score is exported too, in multiples of the
+The score distribution is exported as conformal p-values (`edgecase_score_p_value`): for frames
+exchangeable with the calibration normals they are (super-)uniform on [0, 1] whatever the model's score
+units (Vovk, Gammerman & Shafer, "Algorithmic Learning in a Random World", 2005; Bates et al., "Testing
+for outliers with conformal p-values", Ann. Statist. 2023), so drift shows as mass piling up near 0 on
+one shared set of buckets. The raw score is exported too, in multiples of the
 model's threshold (`edgecase_score_threshold_ratio`, 1.0 = the edge-case line).
 """
 
