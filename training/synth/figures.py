@@ -72,7 +72,7 @@ def pedestrian_world(ctx: RenderContext) -> None:
     cv, scene, r, s = ctx.cv, ctx.scene, ctx.draws.family, ctx.strength
     assert cv is not None
     height = (np.float32(0.5) * r.uniform(0.8, 1.1)).astype(np.float32)  # 1.75 m is half a lane width
-    target = (np.float32(2.5) + np.float32(17.5) * s) * r.uniform(0.85, 1.1)
+    target = (np.float32(2.0) + np.float32(18.0) * s * s) * r.uniform(0.85, 1.1)  # ~4 px at 0.3, 20 at 1
     t = _depth_for_height(scene, target, height, cv.size)
     u = _lateral(ctx, t, 0.65)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
@@ -103,7 +103,7 @@ def animal_world(ctx: RenderContext) -> None:
     assert cv is not None
     deer = r.bernoulli(0.6)
     shoulder = np.where(deer, np.float32(0.3), np.float32(0.17)).astype(np.float32)  # 1 m / 0.6 m
-    target = (np.float32(2.0) + np.float32(12.0) * s) * r.uniform(0.85, 1.1)
+    target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1)
     t = _depth_for_height(scene, target / np.float32(1.4), shoulder, cv.size)
     u = _lateral(ctx, t, 0.8)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
