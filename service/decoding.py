@@ -9,6 +9,7 @@ and resizing use the one rule in `contract.frames` and run in a worker thread, n
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -33,6 +34,8 @@ RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 FILES_FIELD = "files"
+INLINE_PARSE_BYTES = 32 * 1024
+"""JSON bodies up to this size are parsed on the event loop; larger ones in a worker thread."""
 
 # Magic numbers of the formats the flagged store keeps as they came; anything else is re-encoded as PNG.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
@@ -102,7 +105,12 @@ async def parse_payloads(request: Request, *, max_body_bytes: int, max_frames: i
     if kind in RAW_IMAGE_TYPES:
         payloads = [Payload("0", body)]
     elif kind == JSON:
-        payloads = _parse_json(body)
+        # json.loads + base64 of a big body is milliseconds of CPU: not on the event loop.
+        payloads = (
+            _parse_json(body)
+            if len(body) <= INLINE_PARSE_BYTES
+            else await asyncio.to_thread(_parse_json, body)
+        )
     else:
         payloads = await _parse_multipart(request, body, max_frames)
     if not payloads:

@@ -179,3 +179,24 @@ def test_health_and_readiness(client: httpx.Client) -> None:
 
 def test_the_server_log_names_the_execution_provider(server: RunningServer, client: httpx.Client) -> None:
     assert "CPUExecutionProvider" in server.log()
+
+
+def test_large_requests_score_the_same_whatever_the_format(client: httpx.Client) -> None:
+    # Noisy 64x64 frames (~12 kB each as PNG): big enough that parsing and decoding leave the event loop.
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    assert sum(map(len, pngs)) > 64 * 1024
+    as_json = {"frames": [{"key": str(i), "image": base64.b64encode(p).decode()} for i, p in enumerate(pngs)]}
+    json_scores = [r["score"] for r in client.post("/score", json=as_json).json()["results"]]
+    files = [("files", (str(i), p)) for i, p in enumerate(pngs)]
+    multipart_scores = [r["score"] for r in client.post("/score", files=files).json()["results"]]
+    single_scores = [
+        client.post("/score", content=p, headers={"Content-Type": "image/png"}).json()["results"][0]["score"]
+        for p in pngs
+    ]
+    assert json_scores == multipart_scores == single_scores
+    assert len(set(json_scores)) == 8, "different frames, different scores"
