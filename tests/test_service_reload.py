@@ -4,10 +4,12 @@ broken versions refused while the old one keeps serving; readiness before the fi
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import publish_broken, publish_model, running_server, solid_png, wait_until
 
@@ -132,3 +134,20 @@ def test_not_ready_until_a_model_is_published_then_ready_without_restart(tmp_pat
         assert wait_until(server.is_ready, timeout=20), server.log()
         scored = client.post("/score", content=solid_png(10), headers={"Content-Type": "image/png"})
         assert scored.status_code == 200
+
+
+@pytest.mark.slow
+def test_two_workers_both_move_to_a_new_version_by_polling_under_load(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish_model(repo, "bright", 1)
+    options = {"workers": 2, "log_dir": tmp_path, "timeout": 90}
+    with running_server(repo, {"reload_poll_s": 0.3}, **options) as server, Load(server.url) as load:
+        assert wait_until(lambda: len(load.versions) >= 20)
+        publish_model(repo, "bright", 2)
+        # Each worker polls on its own; give both time, then check that only version 2 answers.
+        assert wait_until(lambda: 2 in load.versions, timeout=30)
+        time.sleep(2.0)
+        settled = len(load.versions)
+        assert wait_until(lambda: len(load.versions) >= settled + 40, timeout=60)
+    assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
+    assert set(load.versions[settled:]) == {2}
