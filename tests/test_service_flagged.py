@@ -240,3 +240,28 @@ def test_exported_normals_are_read_as_training_frames(store: FlaggedStore, tmp_p
     store.export("normal", tmp_path / "reviewed")
     data = load_training_frames([tmp_path / "reviewed"], size=4)
     assert data.train.shape == (3, 4, 4, 3) and data.train.dtype == np.uint8
+
+
+def test_the_flagged_command_reviews_lists_and_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgecase.cli import main
+
+    root = tmp_path / "store"
+    with FlaggedStore(root) as store:
+        first, _ = add(store, seed=1), add(store, seed=2)
+    assert main(["flagged", "review", str(first.id), "normal", "--store", str(root)]) == 0
+    assert "reviewed as normal" in capsys.readouterr().out
+    assert main(["flagged", "list", "--store", str(root), "--review", "normal"]) == 0
+    assert "1 flag(s) match" in capsys.readouterr().out
+    out = tmp_path / "reviewed"
+    assert main(["flagged", "export", "--review", "normal", "--out", str(out), "--store", str(root)]) == 0
+    assert "exported 1 normal frame(s)" in capsys.readouterr().out
+    assert [row.key for row in read_labels(out)] == [f"train/normal/normal_{first.id:06d}"]
+    # user errors: one line on stderr, exit code 2
+    assert main(["flagged", "export", "--review", "normal", "--out", str(out), "--store", str(root)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["flagged", "review", "999", "normal", "--store", str(root)]) == 2
+    assert "no flagged frame with id 999" in capsys.readouterr().err
+    assert main(["flagged", "list", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "no flagged-frame store" in capsys.readouterr().err
