@@ -58,15 +58,16 @@ def soften_and_expose(cv: Canvas, amount: F32, exposure: F32, tint: F32) -> None
     cv.img = out
 
 
-def quantise_with_noise(img: F32, uniforms: F32, sigma: F32) -> npt.NDArray[np.uint8]:
-    """Add zero-mean sensor noise (std ``sigma``, from the frame's own uniforms) and round to NHWC uint8.
+def quantise_with_noise(img: F32, noise_bytes: npt.NDArray[np.uint8], sigma: F32) -> npt.NDArray[np.uint8]:
+    """Add zero-mean sensor noise (std ``sigma``, from the frame's random bytes) and round to NHWC uint8.
 
-    Uniform noise scaled by sqrt(12) has the requested standard deviation; the 255 scale and the
-    +0.5 of rounding are folded into the same two operations.
+    A byte ``b`` stands for the uniform ``(b + 0.5) / 256``; uniform noise scaled by sqrt(12) has
+    the requested standard deviation. The 255 scale and the +0.5 of rounding fold into the same
+    two operations.
     """
     k = (sigma * np.float32(255.0 * np.sqrt(12.0))).reshape(-1, 1, 1, 1).astype(np.float32)
-    noise = uniforms * k
-    noise += np.float32(0.5) - np.float32(0.5) * k
+    noise = noise_bytes * (k / np.float32(256.0))
+    noise += np.float32(0.5) - np.float32(0.5) * k + k / np.float32(512.0)
     noise += img * np.float32(255.0)
     np.clip(noise, 0.0, 255.0, out=noise)
     return np.ascontiguousarray(noise.astype(np.uint8).transpose(0, 2, 3, 1))

@@ -73,8 +73,8 @@ class FrameDraws:
 
     base: Uniforms
     family: Uniforms
-    noise: F32
-    """``(N, 3, S, S)`` uniforms for sensor noise."""
+    noise: npt.NDArray[np.uint8]
+    """``(N, 3, S, S)`` uniform random bytes for sensor noise (256 levels are plenty for noise)."""
     field: F32
     """``(N, S, S)`` uniforms for family textures (rain, snow, dead pixels)."""
 
@@ -91,14 +91,13 @@ def draw_frames(generators: list[np.random.Generator], size: int, with_field: bo
     last, so it does not change the other draws.
     """
     n = len(generators)
-    base = np.empty((n, BASE_UNIFORMS))
-    family = np.empty((n, FAMILY_UNIFORMS))
-    noise = np.empty((n, 3, size, size), np.float32)
+    uniforms = np.empty((n, BASE_UNIFORMS + FAMILY_UNIFORMS))
+    noise = np.empty((n, 3 * size * size), np.uint8)
     field = np.empty((n, size, size) if with_field else (n, 0, 0), np.float32)
     for i, gen in enumerate(generators):
-        base[i] = gen.random(BASE_UNIFORMS)
-        family[i] = gen.random(FAMILY_UNIFORMS)
-        gen.random(out=noise[i], dtype=np.float32)
+        gen.random(out=uniforms[i])
+        noise[i] = np.frombuffer(gen.bytes(3 * size * size), np.uint8)
         if with_field:
             gen.random(out=field[i], dtype=np.float32)
-    return FrameDraws(Uniforms(base), Uniforms(family), noise, field)
+    base, family = uniforms[:, :BASE_UNIFORMS], uniforms[:, BASE_UNIFORMS:]
+    return FrameDraws(Uniforms(base), Uniforms(family), noise.reshape(n, 3, size, size), field)

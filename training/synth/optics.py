@@ -107,7 +107,9 @@ def sensor_fault_sensor(ctx: RenderContext) -> None:
     # 2: heavy noise: strong luminance noise, chroma noise and salt-and-pepper.
     sigma = ((np.float32(0.08) + np.float32(0.22) * s) * (mode == 2)).reshape(-1, 1, 1).astype(np.float32)
     lum = (field - np.float32(0.5)) * sigma * np.float32(np.sqrt(12.0))
-    chroma = (ctx.draws.noise[:, ::-1] - np.float32(0.5)) * sigma[:, None] * np.float32(1.5)
+    chroma = (
+        (ctx.draws.noise[:, ::-1] * np.float32(1 / 256) - np.float32(0.5)) * sigma[:, None] * np.float32(1.5)
+    )
     cv.img += lum[:, None] + chroma
     salt = np.float32(0.02) * col(s * (mode == 2))
     cv.img = np.where((field < salt * 0.5)[:, None], np.float32(0.0), cv.img)
