@@ -25,7 +25,8 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,25 @@ CREATE INDEX IF NOT EXISTS flags_model_version_created ON flags (model, version,
 CREATE INDEX IF NOT EXISTS flags_created ON flags (created_at);
 CREATE INDEX IF NOT EXISTS flags_review ON flags (review);
 """
+
+
+_INSERT = (
+    "INSERT INTO flags (created_at, model, version, score, p_value, client_key, metadata, image_sha256,"
+    " image_ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+IO_THREADS = 8
+"""Parallel image writes/fsyncs per store (fsync is disk-bound; overlapping them lets the disk merge)."""
+
+
+@dataclass
+class _Ticket:
+    """Rows waiting for a group commit, and what the commit gave them."""
+
+    rows: list[tuple[Any, ...]]
+    done: bool = False
+    ids: list[int] = field(default_factory=list)
+    created_at: float = 0.0
+    error: BaseException | None = None
 
 
 class FlaggedNotFoundError(KeyError):
@@ -163,6 +183,11 @@ class FlaggedStore:
         self._connections_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
         self._closed = False
+        self._queue_lock = threading.Lock()  # guards _queued
+        self._commit_lock = threading.Lock()  # one group commit at a time (per process)
+        self._queued: list[_Ticket] = []
+        self._pool_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         # executescript runs each statement in its own implicit transaction; all are idempotent.
         self._connection().executescript(_SCHEMA)
 
@@ -203,6 +228,8 @@ class FlaggedStore:
     def close(self) -> None:
         """Close every thread's connection (the store cannot be used afterwards)."""
         self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         with self._connections_lock:
             for conn in self._connections:
                 with contextlib.suppress(sqlite3.Error):
@@ -270,7 +297,7 @@ class FlaggedStore:
         return self.add_many([flag])[0]
 
     def add_many(self, flags: Sequence[NewFlag]) -> list[FlaggedRecord]:
-        """Store several flags with one SQLite commit (one fsync) after all their images are on disk."""
+        """Store several flags: images durable first, then their rows in one (group) commit."""
         prepared = []
         for flag in flags:
             data = bytes(flag.image)
@@ -287,34 +314,28 @@ class FlaggedStore:
                 raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
             prepared.append((flag, data, _normalise_ext(flag.ext), metadata_json))
         # Images first: a row committed below must never point to a file that is not durable yet.
-        rows = []
-        folders: set[Path] = set()
-        for flag, data, ext, metadata_json in prepared:
-            sha256, folder = self._write_image(data, ext)
-            rows.append((flag, sha256, ext, metadata_json))
-            folders.add(folder)
-        for folder in folders:  # the renames are durable before any row points at them
-            _fsync_dir(folder)
-        now = time.time()
-        ids = []
-        with self._transaction() as conn:
-            for flag, sha256, ext, metadata_json in rows:
-                cursor = conn.execute(
-                    "INSERT INTO flags (created_at, model, version, score, p_value, client_key, metadata,"
-                    " image_sha256, image_ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        now,
-                        flag.model,
-                        int(flag.version),
-                        float(flag.score),
-                        float(flag.p_value),
-                        flag.key,
-                        metadata_json,
-                        sha256,
-                        ext,
-                    ),
+        # Several images are written (and fsynced) in parallel: fsync waits on the disk, not the CPU.
+        written = self._map(lambda item: self._write_image(item[1], item[2]), prepared)
+        self._map(_fsync_dir, sorted({folder for _, folder in written}))  # renames durable before rows
+        rows = [
+            (flag, sha256, ext, metadata_json)
+            for (flag, _, ext, metadata_json), (sha256, _) in zip(prepared, written, strict=True)
+        ]
+        ids, now = self._commit_rows(
+            [
+                (
+                    flag.model,
+                    int(flag.version),
+                    float(flag.score),
+                    float(flag.p_value),
+                    flag.key,
+                    meta,
+                    sha,
+                    ext,
                 )
-                ids.append(int(cursor.lastrowid or 0))
+                for flag, sha, ext, meta in rows
+            ]
+        )
         return [
             FlaggedRecord(
                 id=flag_id,
@@ -332,6 +353,47 @@ class FlaggedStore:
             )
             for flag_id, (flag, sha256, ext, metadata_json) in zip(ids, rows, strict=True)
         ]
+
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, on the store's small I/O pool when there is more than one."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="flagged-io")
+        return list(self._pool.map(fn, items))
+
+    def _commit_rows(self, rows: list[tuple[Any, ...]]) -> tuple[list[int], float]:
+        """Insert rows durably, sharing one commit (one WAL fsync) with whatever other threads are adding.
+
+        Group commit: a thread that finds no commit running commits every row queued so far; threads
+        arriving meanwhile queue theirs for the next commit. Returns (ids in order, created_at).
+        """
+        ticket = _Ticket(rows)
+        with self._queue_lock:
+            self._queued.append(ticket)
+        with self._commit_lock:
+            if not ticket.done:  # nobody committed our rows while we waited: lead the next group
+                with self._queue_lock:
+                    group, self._queued = self._queued, []
+                now = time.time()
+                try:
+                    with self._transaction() as conn:
+                        for member in group:
+                            member.ids = [
+                                int(conn.execute(_INSERT, (now, *row)).lastrowid or 0) for row in member.rows
+                            ]
+                            member.created_at = now
+                except BaseException as exc:
+                    for member in group:
+                        member.error = exc
+                    raise
+                finally:
+                    for member in group:
+                        member.done = True
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.ids, ticket.created_at
 
     def review(self, flag_id: int, label: str) -> FlaggedRecord:
         """Record a reviewer's verdict (``edge_case`` or ``normal``); reviewing again overwrites it."""
