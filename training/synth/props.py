@@ -19,6 +19,7 @@ from training.synth.shapes import box, ellipse
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.intp]
+B = npt.NDArray[np.bool_]
 RAIL = np.array([0.64, 0.66, 0.68], np.float32)
 TRUNK = np.array([0.26, 0.18, 0.10], np.float32)
 POLE = np.array([0.40, 0.41, 0.43], np.float32)
@@ -132,19 +133,33 @@ def paint_lamps(scene: Scene, cv: Canvas) -> tuple[F32, F32, F32]:
     return head_x.astype(np.float32), head_y.astype(np.float32), sc.astype(np.float32)
 
 
-def _draw_car(p: Canvas, x: F32, y: F32, sc: F32, hm: F32, paint: F32, z: F32, sky: F32) -> None:
-    """One vehicle from behind: shadow, tyres, body and cabin, rear window, tail lights."""
+def _draw_car(p: Canvas, x: F32, y: F32, sc: F32, hm: F32, truck: B, paint: F32, z: F32, sky: F32) -> None:
+    """One vehicle from behind: shadow, tyres, body and cabin, rear window, tail lights.
+
+    A lorry uses the same five layers with other proportions: a wide, tall box trailer whose
+    "window" is the dark seam between its doors and whose lights sit low.
+    """
     n = len(x)
-    p.composite(box(p, x, y, sc, -0.3, 0.3, -0.03, 0.04) * np.float32(0.5), rgb(n, BLACK))
-    p.composite(box(p, x, y, sc, -0.25, 0.25, 0.0, 0.1), rgb(n, TYRES), z)
-    body = np.maximum(
-        box(p, x, y, sc, -0.27, 0.27, 0.07, 0.27 * hm), box(p, x, y, sc, -0.22, 0.22, 0.26 * hm, 0.43 * hm)
+    f32 = np.float32
+    half = np.where(truck, f32(0.36), f32(0.27))
+    top = np.where(truck, f32(1.12), f32(0.27) * hm)
+    p.composite(box(p, x, y, sc, -half - 0.03, half + 0.03, -0.03, 0.04) * f32(0.5), rgb(n, BLACK))
+    p.composite(box(p, x, y, sc, -half + 0.02, half - 0.02, 0.0, 0.1), rgb(n, TYRES), z)
+    body = box(p, x, y, sc, -half, half, 0.07, top)
+    cabin_top = np.where(truck, top, f32(0.43) * hm)  # a lorry has no separate cabin in view
+    np.maximum(body, box(p, x, y, sc, -0.22, 0.22, 0.26 * hm, cabin_top), out=body)
+    p.composite(body, np.where(truck[:, None], paint * f32(0.4) + f32(0.5), paint), z)
+    win_half = np.where(truck, f32(0.012), f32(0.18))
+    win_lo, win_hi = np.where(truck, f32(0.16), f32(0.29) * hm), np.where(truck, f32(1.08), f32(0.41) * hm)
+    p.composite(box(p, x, y, sc, -win_half, win_half, win_lo, win_hi), GLASS + f32(0.3) * sky, z)
+    light_lo, light_hi = (
+        np.where(truck, f32(0.13), f32(0.18) * hm),
+        np.where(truck, f32(0.19), f32(0.235) * hm),
     )
-    p.composite(body, paint, z)
-    p.composite(box(p, x, y, sc, -0.18, 0.18, 0.29 * hm, 0.41 * hm), GLASS + np.float32(0.3) * sky, z)
+    inner, outer = half - f32(0.1), half - f32(0.015)
     lights = np.maximum(
-        box(p, x, y, sc, -0.255, -0.17, 0.18 * hm, 0.235 * hm),
-        box(p, x, y, sc, 0.17, 0.255, 0.18 * hm, 0.235 * hm),
+        box(p, x, y, sc, -outer, -inner, light_lo, light_hi),
+        box(p, x, y, sc, inner, outer, light_lo, light_hi),
     )
     p.composite(lights, rgb(n, TAIL), z)
 
@@ -158,16 +173,20 @@ def paint_cars(scene: Scene, cv: Canvas) -> tuple[F32, F32, F32]:
         pick = order[:, j]
         on, z, u = _slot(scene.car_on, pick), _slot(scene.car_z, pick), _slot(scene.car_u, pick)
         hm, paint = _slot(scene.car_height, pick), _slot(scene.car_colour, pick)
+        truck = _slot(scene.car_truck, pick)
         t = (np.float32(1.0) / z).astype(np.float32)
         x, y, sc = scene.ground_x(u, t), scene.ground_y(t), scene.scale(t)
-        tails[0, rows, pick] = np.stack([x - 0.21 * sc, x + 0.21 * sc], -1)
-        tails[1, rows, pick] = (y - 0.21 * hm * sc)[:, None]
+        spread = np.where(truck, np.float32(0.3), np.float32(0.21)) * sc
+        tails[0, rows, pick] = np.stack([x - spread, x + spread], -1)
+        tails[1, rows, pick] = (y - np.where(truck, np.float32(0.16), np.float32(0.21) * hm) * sc)[:, None]
         tails[2, rows, pick] = sc[:, None]
 
-        def draw(p: Canvas, f: I64, x=x, y=y, sc=sc, hm=hm, paint=paint, z=z) -> None:
-            _draw_car(p, x[f], y[f], sc[f], hm[f], paint[f], z[f], scene.sky_top[f])
+        def draw(p: Canvas, f: I64, x=x, y=y, sc=sc, hm=hm, truck=truck, paint=paint, z=z) -> None:
+            _draw_car(p, x[f], y[f], sc[f], hm[f], truck[f], paint[f], z[f], scene.sky_top[f])
 
-        bounds = (x - 0.31 * sc, y - 0.44 * hm * sc, x + 0.31 * sc, y + 0.04 * sc)
+        half = np.where(truck, np.float32(0.4), np.float32(0.31)) * sc
+        height = np.where(truck, np.float32(1.14), np.float32(0.44) * hm) * sc
+        bounds = (x - half, y - height, x + half, y + 0.04 * sc)
         paint_in_patches(cv, on, bounds, draw)
     return tails[0], tails[1], tails[2]
 

@@ -91,6 +91,8 @@ class Scene:
     car_u: F32
     car_colour: F32
     car_height: F32
+    car_truck: B
+    """``(N, N_CARS)`` the vehicle is a lorry (a tall box trailer seen from behind)."""
     exposure: F32
     tint: F32
     haze: F32
@@ -230,6 +232,7 @@ def sample_scene(r: Uniforms) -> Scene:
         car_u=car_u,
         car_colour=car_colour,
         car_height=(0.9 + 0.6 * r.uniform_k(N_CARS) ** 3).astype(np.float32),
+        car_truck=r.take(N_CARS) < 0.12,
         exposure=r.uniform(0.86, 1.12),
         tint=r.uniform_k(3, 0.97, 1.03),
         haze=r.uniform(0.012, 0.035),
