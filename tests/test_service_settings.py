@@ -34,6 +34,11 @@ def test_environment_variables_with_the_prefix_are_read(monkeypatch: pytest.Monk
     assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def test_an_empty_default_model_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGECASE_DEFAULT_MODEL", "")
+    assert Settings().default_model is None
+
+
 def test_explicit_values_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGECASE_PORT", "9000")
     assert Settings(port=1234).port == 1234
