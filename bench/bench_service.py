@@ -67,6 +67,7 @@ class ServiceRun:
     frames_per_s: float
     p50_ms: float
     p99_ms: float
+    flagged_share: float = float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -288,6 +289,18 @@ def drive_wrk(
     )
 
 
+def scored_and_flagged(url: str) -> tuple[float, float]:
+    """Frames scored and flagged so far, from the server's /metrics (all models and versions)."""
+    import httpx
+
+    totals = {"edgecase_frames_scored_total": 0.0, "edgecase_frames_flagged_total": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["edgecase_frames_scored_total"], totals["edgecase_frames_flagged_total"]
+
+
 def measure_point(
     url: str,
     bodies: list[tuple[bytes, str]],
@@ -299,12 +312,15 @@ def measure_point(
     """One table row: the best of `--repeats` runs (on a shared machine the best is the least disturbed)."""
     runs = []
     for _ in range(args.repeats):
+        scored_before, flagged_before = scored_and_flagged(url)
         if args.client == "wrk":
             run = drive_wrk(
                 url, bodies[0], frames_per_request, concurrency, args.seconds, args.warmup, workdir
             )
         else:
             run = asyncio.run(drive(url, bodies, frames_per_request, concurrency, args.seconds, args.warmup))
+        scored, flagged = scored_and_flagged(url)
+        run.flagged_share = (flagged - flagged_before) / max(1.0, scored - scored_before)
         runs.append(run)
     return max(runs, key=lambda r: r.frames_per_s)
 
@@ -378,15 +394,16 @@ def report(label: str, inproc: list[InProcess], runs: list[ServiceRun], args: ar
     lines += [
         "",
         "| service (POST /score) | frames/request | concurrency | requests/s | frames/s | p50 ms | p99 ms "
-        "| non-200 | vs in-process |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| non-200 | flagged | vs in-process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         base = by_batch.get(run.frames_per_request)
         ratio = f"{run.frames_per_s / base.frames_per_s:.2f}x" if base else "-"
         lines.append(
             f"| service | {run.frames_per_request} | {run.concurrency} | {run.requests_per_s:,.1f} | "
-            f"{run.frames_per_s:,.0f} | {run.p50_ms:.2f} | {run.p99_ms:.2f} | {run.errors} | {ratio} |"
+            f"{run.frames_per_s:,.0f} | {run.p50_ms:.2f} | {run.p99_ms:.2f} | {run.errors} | "
+            f"{run.flagged_share:.1%} | {ratio} |"
         )
     lines += ["", "Targets:"]
     for frames_per_request, target in ((1, TARGET_C32_ONE_FRAME), (32, TARGET_C32_BATCH)):
