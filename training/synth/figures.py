@@ -37,8 +37,11 @@ def _pick(palette: F32, u: F32) -> F32:
     return palette[np.minimum((u * len(palette)).astype(np.int64), len(palette) - 1)]
 
 
-def _depth_for_height(scene: Scene, height_px: F32, world_h: F32, size: int) -> F32:
-    """Depth ``t`` at which an object ``world_h`` lane widths tall is ``height_px`` (at 64 px) tall."""
+def _depth_for_height(scene: Scene, height_px: F32, world_h: F32) -> F32:
+    """Depth ``t`` at which an object ``world_h`` lane widths tall is ``height_px`` tall in a 64 px frame.
+
+    Sizes are stated at 64x64 and scale with the frame, so a scene looks the same at any size.
+    """
     t = (height_px / np.float32(64.0)) / (world_h * scene.lane_w)
     return np.clip(t, 0.03, 0.97).astype(np.float32)
 
@@ -73,7 +76,7 @@ def pedestrian_world(ctx: RenderContext) -> None:
     assert cv is not None
     height = (np.float32(0.5) * r.uniform(0.8, 1.1)).astype(np.float32)  # 1.75 m is half a lane width
     target = (np.float32(2.0) + np.float32(18.0) * s * s) * r.uniform(0.85, 1.1)  # ~4 px at 0.3, 20 at 1
-    t = _depth_for_height(scene, target, height, cv.size)
+    t = _depth_for_height(scene, target, height)
     u = _lateral(ctx, t, 0.65)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * height  # screen units per person height
@@ -104,7 +107,7 @@ def animal_world(ctx: RenderContext) -> None:
     deer = r.bernoulli(0.6)
     shoulder = np.where(deer, np.float32(0.3), np.float32(0.17)).astype(np.float32)  # 1 m / 0.6 m
     target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1)
-    t = _depth_for_height(scene, target / np.float32(1.4), shoulder, cv.size)
+    t = _depth_for_height(scene, target / np.float32(1.4), shoulder)
     u = _lateral(ctx, t, 0.8)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * shoulder  # screen units per shoulder height
