@@ -181,6 +181,23 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    """Each panel query, with Grafana's variables filled in, parses (checked by promtool as a rule)."""
+    promtool = needs("promtool")
+    grafana_vars = {"$__rate_interval": "1m", "$model": ".*"}
+    rules = []
+    for i, expr in enumerate(e for e in dashboard_exprs() if not e.startswith("label_values(")):
+        for variable, value in grafana_vars.items():
+            expr = expr.replace(variable, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_alert_rules_pass_their_unit_tests() -> None:
     promtool = needs("promtool")
     result = subprocess.run(
@@ -253,6 +270,20 @@ def test_a_real_prometheus_scrapes_a_live_server(tmp_path: Path) -> None:
             rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
             bad = {r["name"]: r.get("lastError") for g in rules for r in g["rules"] if r["health"] == "err"}
             assert not bad, bad
+            # The dashboard's queries run against real series; the throughput panel has data.
+            answered = {}
+            for expr in dashboard_exprs():
+                if not expr.startswith("label_values("):
+                    filled = expr.replace("$__rate_interval", "30s").replace("$model", ".*")
+                    response = httpx.get(f"{api}/query", params={"query": filled}, timeout=5)
+                    assert response.status_code == 200, (filled, response.text)
+                    answered[expr] = response.json()["data"]["result"]
+            scored_rate = next(
+                v
+                for k, v in answered.items()
+                if k.startswith("sum by (model, version) (rate(edgecase_frames_scored_total")
+            )
+            assert scored_rate and scored_rate[0]["metric"] == {"model": "bright", "version": "1"}
         finally:
             process.terminate()
             process.wait(timeout=30)
