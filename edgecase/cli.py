@@ -62,4 +62,7 @@ class CliError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so `python -m edgecase.cli` raises and catches the same CliError class as handlers.
+    from edgecase.cli import main as package_main
+
+    sys.exit(package_main())
