@@ -90,3 +90,29 @@ def test_labelled_frames_need_a_labels_file(tmp_path: Path) -> None:
     folder = write_plain_folder(tmp_path / "frames", 3)
     with pytest.raises(ValueError, match="labels.csv"):
         load_labelled_frames(folder, 32)
+
+
+def test_plots_write_pngs_for_both_training_loops(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.plots import image_grid, plot_losses, plot_tsne, save_image_grid
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    grid = image_grid(frames, nrow=4, pad=2)
+    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)
+    assert np.array_equal(grid[2:10, 2:10], frames[0])  # first frame top-left, after the gutter
+    save_image_grid(frames, tmp_path / "grid.png", nrow=4, scale=2)
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.size == (2 * 42, 2 * 32)
+    history = [{"epoch": e, "train_bpd": 5.0 - e, "val_bpd": 5.1 - e, "seconds": 3.0} for e in (1, 2, 3)]
+    plot_losses(history, tmp_path / "loss.png")
+    labels = ["normal"] * 20 + ["fog"] * 5
+    plot_tsne(rng.normal(size=(25, 6)), labels, tmp_path / "tsne.png")
+    for name in ("loss.png", "tsne.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.size[0] > 100
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        image_grid(frames.astype(np.float32), nrow=4)
+    with pytest.raises(ValueError, match="labels"):
+        plot_tsne(rng.normal(size=(5, 2)), ["a"], tmp_path / "bad.png")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -119,11 +120,15 @@ def plot_tsne(
         emb = np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
     fig = Figure(figsize=(6.5, 5.5), layout="tight")
     ax = fig.add_subplot(1, 1, 1)
-    # normal first, so the rare families are drawn on top and stay visible
+    # normal first and grey, so the rare families are drawn on top in distinct colours (tab20
+    # without its greys: up to 18 families before a colour repeats)
     order = sorted(set(lab), key=lambda s: (s != "normal", s))
+    palette = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (14, 15)]
+    families = iter(palette * (1 + len(order) // len(palette)))
     for name in order:
         sel = lab == name
-        ax.scatter(emb[sel, 0], emb[sel, 1], s=8, alpha=0.7, label=f"{name} ({sel.sum()})")
+        colour = "#b0b0b0" if name == "normal" else next(families)
+        ax.scatter(emb[sel, 0], emb[sel, 1], s=8, alpha=0.7, color=colour, label=f"{name} ({sel.sum()})")
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
