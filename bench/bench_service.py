@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -108,7 +109,10 @@ def make_frames(size: int, count: int, data: Path | None, seed: int = 0) -> tupl
     from contract.readers import iter_frames
 
     if data is not None:
-        picked = [f.image for f in iter_frames(data, size=size) if f.meta.get("family", "normal") == "normal"]
+        normals = (
+            f.image for f in iter_frames(data, size=size) if f.meta.get("family", "normal") == "normal"
+        )
+        picked = list(itertools.islice(normals, count))
         if not picked:
             raise SystemExit(f"no normal frames in {data}")
         frames = np.stack([picked[i % len(picked)] for i in range(count)])
@@ -308,17 +312,24 @@ def measure_point(
     concurrency: int,
     args: argparse.Namespace,
     workdir: Path,
+    capacity: float,
 ) -> ServiceRun:
-    """One table row: the best of `--repeats` runs (on a shared machine the best is the least disturbed)."""
+    """One table row: the best of `--repeats` runs (on a shared machine the best is the least disturbed).
+
+    A point lasts at least `--seconds`, and at least `--rounds` times what the whole closed loop has in
+    flight (concurrency x frames/request) takes at `capacity` frames/s, so that even 128 clients x 32
+    frames complete enough requests to measure; the warm-up is at least one such round.
+    """
+    in_flight_s = concurrency * frames_per_request / capacity
+    seconds = max(args.seconds, args.rounds * in_flight_s)
+    warmup = max(args.warmup, in_flight_s)
     runs = []
     for _ in range(args.repeats):
         scored_before, flagged_before = scored_and_flagged(url)
         if args.client == "wrk":
-            run = drive_wrk(
-                url, bodies[0], frames_per_request, concurrency, args.seconds, args.warmup, workdir
-            )
+            run = drive_wrk(url, bodies[0], frames_per_request, concurrency, seconds, warmup, workdir)
         else:
-            run = asyncio.run(drive(url, bodies, frames_per_request, concurrency, args.seconds, args.warmup))
+            run = asyncio.run(drive(url, bodies, frames_per_request, concurrency, seconds, warmup))
         scored, flagged = scored_and_flagged(url)
         run.flagged_share = (flagged - flagged_before) / max(1.0, scored - scored_before)
         runs.append(run)
@@ -380,7 +391,8 @@ def report(label: str, inproc: list[InProcess], runs: list[ServiceRun], args: ar
         f"model: {label}",
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"server workers {args.workers}, onnxruntime intra-op threads {args.threads or 'all cores'}; "
-        f"{args.seconds:g} s per point after {args.warmup:g} s warm-up, best of {args.repeats}; "
+        f"each point >= {args.seconds:g} s and >= {args.rounds:g} rounds of its load, after a warm-up, "
+        f"best of {args.repeats}; "
         f"client {args.client} on the same machine",
         f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "",
@@ -443,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="take normal frames from this folder/shards")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--frames-per-request", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point, at least")
+    parser.add_argument(
+        "--rounds", type=float, default=5.0, help="a point lasts at least this many full rounds of its load"
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point")
     parser.add_argument("--repeats", type=int, default=1, help="runs per point; the best one is reported")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
@@ -485,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
+        capacity = max(r.frames_per_s for r in inproc)  # frames/s the model can do at best, in-process
         process, url = start_server(repo, name, workdir, args)
         runs = []
         try:
@@ -498,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 if frames_per_request == 1:  # one frame: a raw image/png body, the leanest request
                     bodies = [(png, "image/png") for png in pngs]
                 for concurrency in args.concurrency:
-                    run = measure_point(url, bodies, frames_per_request, concurrency, args, workdir)
+                    run = measure_point(url, bodies, frames_per_request, concurrency, args, workdir, capacity)
                     runs.append(run)
                     print(
                         f"service {frames_per_request} frame(s)/request, concurrency {concurrency}: "
@@ -507,8 +523,12 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            process.terminate()  # graceful: queued requests finish first
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
         text = report(label, inproc, runs, args)
         print("\n" + text)
         if args.json:
