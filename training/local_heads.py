@@ -122,15 +122,21 @@ def greedy_coreset(candidates: torch.Tensor, size: int, seed: int = 0) -> torch.
     if size >= k:
         return torch.arange(k).expand(locations, k).clone()
     generator = torch.Generator().manual_seed(seed)
+    rows = torch.arange(locations)
+    sq = (candidates * candidates).sum(-1)  # [L, K]
+
+    def sq_dist_to(pick: torch.Tensor) -> torch.Tensor:
+        # |c - p|^2 = |c|^2 - 2 c.p + |p|^2 as a batched mat-vec: no [L, K, D] temporary per step.
+        dots = torch.bmm(candidates, candidates[rows, pick][:, :, None])[:, :, 0]
+        return (sq - 2.0 * dots + sq[rows, pick][:, None]).clamp_min(0.0)
+
     first = torch.randint(k, (locations,), generator=generator)
     chosen = [first]
-    rows = torch.arange(locations)
-    nearest = ((candidates - candidates[rows, first][:, None]) ** 2).sum(-1)  # [L, K]
+    nearest = sq_dist_to(first)  # [L, K]
     for _ in range(size - 1):
         pick = nearest.argmax(dim=1)
         chosen.append(pick)
-        dist = ((candidates - candidates[rows, pick][:, None]) ** 2).sum(-1)
-        nearest = torch.minimum(nearest, dist)
+        nearest = torch.minimum(nearest, sq_dist_to(pick))
     return torch.stack(chosen, dim=1)
 
 
@@ -159,7 +165,7 @@ def build_bank(
     radius: int = RADIUS,
     seed: int = 0,
     batch_size: int = 64,
-    max_candidates: int = 4096,
+    max_candidates: int = 2048,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Fit the standardisation and build the position-aware bank [L, M, dim] from normal frames."""
     if len(frames) == 0:
