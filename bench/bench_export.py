@@ -1,8 +1,8 @@
 """Benchmark: frames/s of torch eager vs onnxruntime (CPU) for every score head, side by side.
 
-For each head the same graph runs in torch (eval, inference mode) and in onnxruntime with the session
-options the service uses (`service.registry.make_session_options`), on the same uint8 frames, at
-batch 1, 8, 32 and 128. Repetitions are interleaved (torch, ort, torch, ort, ...) so load from other
+For each head the same graph runs in torch (eval, inference mode) and in onnxruntime in the session
+the service builds (`service.registry.make_session`), on the same uint8 frames, at batch 1, 8, 32
+and 128. Repetitions are interleaved (torch, ort, torch, ort, ...) so load from other
 processes hits both alike; each cell is the median over repetitions. The network architecture sets
 the speed, not the weights, so dry-run runs (trained for one batch) are fine and are made when no
 `--runs` are given.
@@ -33,25 +33,34 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.registry import make_session_options
+from service.registry import make_session
 from training.export import export_onnx
 from training.graphs import available_heads, build_score_graph, run_kind
 from training.variants import make_variant
 
+# "wall": time.perf_counter. "cpu": time.process_time, the CPU seconds this process used: on a machine
+# shared with other jobs it counts only the time we were running, so single-threaded comparisons stay
+# fair however busy the machine is (with more threads it sums them: frames per CPU-second).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def time_call(fn: Callable[[], object], min_seconds: float) -> float:
-    """Seconds per call, calling until `min_seconds` have passed (at least once)."""
-    calls, start = 0, time.perf_counter()
+
+def time_call(fn: Callable[[], object], min_seconds: float, clock: Callable[[], float]) -> float:
+    """Seconds per call, calling until `min_seconds` have passed on `clock` (at least once)."""
+    calls, start = 0, clock()
     while True:
         fn()
         calls += 1
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= min_seconds:
             return elapsed / calls
 
 
 def side_by_side(
-    runners: dict[str, Callable[[], object]], batch: int, repeats: int, min_seconds: float
+    runners: dict[str, Callable[[], object]],
+    batch: int,
+    repeats: int,
+    min_seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median frames/s of each runner, repetitions interleaved across runners."""
     for fn in runners.values():
@@ -59,7 +68,7 @@ def side_by_side(
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
-            samples[name].append(batch / time_call(fn, min_seconds))
+            samples[name].append(batch / time_call(fn, min_seconds, clock))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -96,11 +105,8 @@ def make_runs(root: Path, size: int) -> list[Path]:
 
 
 def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(
-        str(path), sess_options=make_session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    """Exactly the service's session (service.registry.make_session), on CPU."""
+    return make_session(path, ["CPUExecutionProvider"], threads)
 
 
 def bench_heads(
@@ -110,6 +116,7 @@ def bench_heads(
     repeats: int,
     min_seconds: float,
     threads: int,
+    clock: Callable[[], float],
 ) -> list[dict[str, Any]]:
     rows = []
     work = [(run, head) for run in runs for head in available_heads(run) if heads is None or head in heads]
@@ -130,6 +137,7 @@ def bench_heads(
                     batch,
                     repeats,
                     min_seconds,
+                    clock,
                 )
                 rows.append(
                     {
@@ -158,6 +166,7 @@ def bench_variants(
     min_seconds: float,
     threads: int,
     max_per_family: int,
+    clock: Callable[[], float],
 ) -> list[dict[str, Any]]:
     """fp32 vs fp16 vs int8 in onnxruntime CPU: frames/s at `batch` and AUROC on labelled frames."""
     from training.data import load_labelled_frames
@@ -179,7 +188,7 @@ def bench_variants(
                 sessions = {v: session(p, threads) for v, p in paths.items()}
                 frames = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
                 runners = {v: ort_runner(sess, names, frames) for v, sess in sessions.items()}
-                fps = side_by_side(runners, batch, repeats, min_seconds)
+                fps = side_by_side(runners, batch, repeats, min_seconds, clock)
                 scores = {}
                 if labelled is not None:
                     images, families, _, _ = labelled
@@ -236,23 +245,30 @@ def main(argv: list[str] | None = None) -> int:
         help="threads for torch and onnxruntime (0: their defaults, one per core)",
     )
     parser.add_argument("--variants", action="store_true", help="also time fp16/int8 (and AUROC with --data)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall or process CPU time")
+    parser.add_argument("--only-variants", action="store_true", help="skip the torch vs onnxruntime table")
     parser.add_argument("--data", type=Path, help="labelled folder for the variants' AUROC")
     parser.add_argument("--max-per-family", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args(argv)
     if args.threads:  # the same thread budget for both sides
         torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = args.runs or make_runs(Path(tmp), args.size)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"onnxruntime intra-op threads {args.threads} (0: one per core)"
+            f"onnxruntime intra-op threads {args.threads} (0: one per core); {args.clock} clock"
         )
-        rows = bench_heads(runs, args.heads, args.batches, args.repeats, args.min_seconds, args.threads)
-        print(markdown(rows))
+        rows = []
+        if not args.only_variants:
+            rows = bench_heads(
+                runs, args.heads, args.batches, args.repeats, args.min_seconds, args.threads, clock
+            )
+            print(markdown(rows))
         result: dict[str, Any] = {"heads": rows}
-        if args.variants:
+        if args.variants or args.only_variants:
             result["variants"] = bench_variants(
                 runs,
                 args.heads,
@@ -262,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.min_seconds,
                 args.threads,
                 args.max_per_family,
+                clock,
             )
     slower = [r for r in rows if r["ratio"] < 1.0]
     if slower:

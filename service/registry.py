@@ -58,6 +58,12 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+# Graph rewrites that measured slower (bench/bench_export.py, docs/benchmarks.md): MatMulScaleFusion folds
+# the patch heads' `-2 * bmm(f, bank)` into one FusedMatMul that took twice as long as MatMul + Mul at
+# batch 1 (1.40 -> 0.77 ms for gan-patch, 2.08 -> 0.91 ms for vae-patch, identical outputs).
+DISABLED_OPTIMIZERS = ("MatMulScaleFusion",)
+
+
 def make_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     """Full graph optimisation (constant folding, Conv+BN/activation fusion); 0 threads = one per core."""
     options = ort.SessionOptions()
@@ -109,6 +115,18 @@ class LoadedModel:
         return self.manifest.p_values(scores)
 
 
+def make_session(
+    path: Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0
+) -> ort.InferenceSession:
+    """The session the service runs: full optimisation minus DISABLED_OPTIMIZERS, CUDA first if present."""
+    return ort.InferenceSession(
+        str(path),
+        sess_options=make_session_options(intra_op_threads),
+        providers=resolve_providers(providers),
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+    )
+
+
 def list_versions(model_dir: Path) -> list[int]:
     """Published versions of a model, ascending; dot-folders (exports in progress) and other names skipped."""
     versions = []
@@ -121,7 +139,7 @@ def list_versions(model_dir: Path) -> list[int]:
 def load_version(
     path: Path,
     providers: Sequence[str] | None = None,
-    session_options: ort.SessionOptions | None = None,
+    intra_op_threads: int = 0,
 ) -> LoadedModel:
     """Verify one version folder and build its session; raises ModelLoadError on any mismatch."""
     path = Path(path)
@@ -137,11 +155,8 @@ def load_version(
             f"{path.parent.name}/{path.name}"
         )
     _verify_files(path, manifest)
-    chosen = resolve_providers(providers)
     try:
-        session = ort.InferenceSession(
-            str(model_path), sess_options=session_options or make_session_options(), providers=chosen
-        )
+        session = make_session(model_path, providers, intra_op_threads)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelLoadError(f"{model_path}: onnxruntime cannot load the graph: {exc}") from exc
     _verify_signature(model_path, session, manifest)
@@ -281,7 +296,7 @@ class ModelRegistry:
         if not path.is_dir():
             raise ModelLoadError(f"{path}: no such model version")
         try:
-            return load_version(path, self.providers, make_session_options(self.intra_op_threads))
+            return load_version(path, self.providers, self.intra_op_threads)
         except ModelLoadError as exc:
             with self._lock:
                 self._failed[f"{name}/{version}"] = str(exc)

@@ -25,6 +25,7 @@ from training.export import (
     MIN_PARITY_EPS,
     ExportError,
     export_graph,
+    export_onnx,
     export_run,
     ort_session,
     parity_eps,
@@ -197,6 +198,29 @@ def test_relative_difference_is_relative_above_eps_and_absolute_below() -> None:
     np.testing.assert_allclose(rel_diff([0.0], [1e-7], eps=1e-3), [1e-4])
     assert parity_eps([0.1, -0.5, 2.0]) == 0.5  # the typical |score| of a normal frame
     assert parity_eps([0.0, 0.0]) == MIN_PARITY_EPS
+
+
+class Expm1Graph(nn.Module):
+    """expm1 of fixed arguments spanning its hard cases (tiny, large negative, overflow) per frame."""
+
+    ARGS = (-200.0, -50.0, -1.0, -1e-3, -1e-6, -1e-9, 0.0, 1e-9, 1e-6, 1e-3, 1.0, 50.0, 100.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("args", torch.tensor(self.ARGS))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        ones = frames.float()[:, 0, 0, 0] * 0 + 1
+        return torch.expm1(ones[:, None] * self.args[None, :])
+
+
+def test_expm1_exports_to_onnx_without_losing_small_arguments(tmp_path: Path) -> None:
+    # ONNX has no Expm1; exp(x) - 1 would give 0 for x = 1e-9 and 1.19e-7 for 1e-7.
+    path = tmp_path / "expm1.onnx"
+    assert export_onnx(Expm1Graph().eval(), path, SIZE)[1] == "torch.onnx.export(dynamo=False)"
+    got = ort_session(path).run(None, {"frames": normal_frames(1)})[0][0]
+    want = torch.expm1(torch.tensor(Expm1Graph.ARGS)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # ---- recalibration -------------------------------------------------------------------------------

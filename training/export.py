@@ -83,11 +83,17 @@ def rel_diff(a: npt.ArrayLike, b: npt.ArrayLike, eps: float = MIN_PARITY_EPS) ->
 
 
 def ort_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
-    """A CPU session with the options the service uses (full graph optimisation)."""
+    """A CPU session built as the service builds one (service.registry.make_session; training must not
+    import service, so the two settings below are kept in step by hand)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra_op_threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["MatMulScaleFusion"],
+    )
 
 
 def run_ort(
@@ -123,7 +129,7 @@ def run_torch(graph: nn.Module, frames: Frames, batch_size: int) -> dict[str, np
 
 def _expm1_symbolic(g: Any, x: Any) -> Any:
     """ONNX has no Expm1, and exp(x) - 1 loses every digit for small x. Kahan's trick keeps them:
-    expm1(x) = (u - 1) * x / log(u) with u = exp(x), exactly x where u rounds to 1, -1 where u is 0
+    expm1(x) = (u - 1) * x / log(u) with u = exp(x), and exactly x where u rounds to 1
     (Goldberg 1991, "What every computer scientist should know about floating-point arithmetic", Thm 4)."""
     import torch
 
@@ -133,7 +139,9 @@ def _expm1_symbolic(g: Any, x: Any) -> Any:
     u_minus_1 = g.op("Sub", u, one)
     kahan = g.op("Div", g.op("Mul", u_minus_1, x), g.op("Log", u))
     small = g.op("Where", g.op("Equal", u, one), x, kahan)
-    return g.op("Where", g.op("Equal", u, zero), u_minus_1, small)
+    # u = 0 (x < -103): expm1 = -1 = u - 1; u = inf (x > 88): expm1 = inf = u.
+    ends = g.op("Or", g.op("Equal", u, zero), g.op("IsInf", u))
+    return g.op("Where", ends, u_minus_1, small)
 
 
 def export_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> tuple[list[str], str]:
