@@ -38,6 +38,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the PNGs (checked by the dry-run test) where a test is about the loop itself."""
+    monkeypatch.setattr(vae_train, "write_plots", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_synth(tmp_path_factory.mktemp("data") / "synth", n_train=16, n_val=6, n_test=3)
@@ -77,12 +83,14 @@ def test_dry_run_from_the_command_line_writes_a_complete_run(synth_dir: Path, tm
     assert (out / "calibration" / "vae-elbo.json").is_file()  # calibration ran at the end
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_dry_run_without_data_uses_noise_frames(tmp_path: Path) -> None:
     run_dir = train_vae(tiny_config(dry_run=True), [], tmp_path / "run")
     assert (run_dir / "model.pt").is_file()
     assert json.loads((run_dir / "config.json").read_text())["data"] == []
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_same_seed_on_cpu_gives_identical_weights_and_history(synth_dir: Path, tmp_path: Path) -> None:
     a = train_vae(tiny_config(), [str(synth_dir)], tmp_path / "a")
     b = train_vae(tiny_config(), [str(synth_dir)], tmp_path / "b")
@@ -97,6 +105,7 @@ def test_same_seed_on_cpu_gives_identical_weights_and_history(synth_dir: Path, t
     assert losses(a) == losses(b)
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_resume_continues_from_the_checkpoint_epoch_exactly(synth_dir: Path, tmp_path: Path) -> None:
     straight = train_vae(tiny_config(epochs=3, patience=10), [str(synth_dir)], tmp_path / "straight")
     part = train_vae(tiny_config(epochs=1, patience=10), [str(synth_dir)], tmp_path / "part")
@@ -108,7 +117,7 @@ def test_resume_continues_from_the_checkpoint_epoch_exactly(synth_dir: Path, tmp
 
 
 def test_early_stopping_ends_a_run_that_stops_improving(
-    synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
 ) -> None:
     # a validation loss that never improves after epoch 1: patience 2 stops after epoch 3
     monkeypatch.setattr(vae_train, "evaluate_vae", lambda *a, **k: {"val_bpd": 5.0})
@@ -117,6 +126,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(
     assert torch.load(run_dir / "model.pt", weights_only=True)["epoch"] == 1  # best weights kept
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_time_budget_stops_after_the_current_batch(synth_dir: Path, tmp_path: Path) -> None:
     run_dir = train_vae(tiny_config(epochs=10, max_minutes=0.0), [str(synth_dir)], tmp_path / "run")
     assert epochs_of(run_dir) == [1]
@@ -125,6 +135,7 @@ def test_time_budget_stops_after_the_current_batch(synth_dir: Path, tmp_path: Pa
     assert (run_dir / "model.pt").is_file()
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_an_existing_run_is_not_overwritten_without_resume(
     synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ history) so loading, plots and calibration fit in the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -78,9 +79,18 @@ def _noise_data(cfg: VAEConfig) -> TrainingData:
     return TrainingData(frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:], [], fingerprint_frames(frames))
 
 
-def _autocast(device: torch.device, enabled: bool) -> Any:
-    """bfloat16 autocast on CUDA when asked (no loss scaling needed); a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bfloat16 where supported (no loss scaling), else float16."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """torch.autocast for ``dtype``; a no-op context when None (CPU, or amp off)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -90,7 +100,11 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list
 
 @torch.no_grad()
 def evaluate_vae(
-    vae: VAE, frames: npt.NDArray[np.uint8], device: torch.device, batch_size: int = 256, amp: bool = False
+    vae: VAE,
+    frames: npt.NDArray[np.uint8],
+    device: torch.device,
+    batch_size: int = 256,
+    amp: bool = False,
 ) -> dict[str, float]:
     """Mean -ELBO bits/dim (z = mu, deterministic), reconstruction and KL parts, on ``frames``."""
     vae.eval()
@@ -98,7 +112,7 @@ def evaluate_vae(
     total = recon_sum = kl_sum = 0.0
     for idx in _batches(len(frames), batch_size, None):
         x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
-        with _autocast(device, amp):
+        with _autocast(device, _amp_dtype(device, amp)):
             recon, kl, _ = vae.elbo_terms(x, sample=False)
         recon_sum += float(nats_to_bits_per_dim(recon, dims).sum())
         kl_sum += float(nats_to_bits_per_dim(kl, dims).sum())
@@ -130,18 +144,26 @@ def _train_epoch(
     loss_sum = recon_sum = kl_sum = 0.0
     seen = 0
     partial = False
+    amp_dtype = _amp_dtype(device, cfg.amp)
+    # float16 needs loss scaling against gradient underflow; bfloat16 and float32 do not
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
     for idx in bar:
         x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
-        with _autocast(device, cfg.amp):
+        with _autocast(device, amp_dtype):
             recon, kl, _ = vae.elbo_terms(x, sample=True)
         # -ELBO with a KL weight, per dim so the learning rate does not depend on the image size
         loss = nats_to_bits_per_dim(recon + cfg.beta * kl, dims).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         n = len(idx)
         seen += n
         loss_sum += float(loss.detach()) * n
