@@ -83,3 +83,10 @@ def test_a_non_empty_out_needs_overwrite(tmp_path: Path) -> None:
 def test_bad_size_is_refused() -> None:
     result = synth("--out", "/nonexistent/never", "--size", "16")
     assert result.returncode == 2 and "--size" in result.stderr
+
+
+def test_help_lists_exactly_the_library_families() -> None:
+    from edgecase.commands.synth import FAMILY_NAMES
+    from training.synth import FAMILIES
+
+    assert tuple(FAMILY_NAMES.split(", ")) == FAMILIES

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from edgecase.commands import add_command
 
+# Spelled out (not imported from training.synth) so building the parser imports no numpy;
+# tests/test_synth_cli.py checks it matches training.synth.FAMILIES.
 FAMILY_NAMES = (
     "night, fog, rain, snow, pedestrian, animal, sharp_curve, construction, glare, lens_dirt, sensor_fault"
 )
@@ -21,14 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (must be empty or new)")
     parser.add_argument("--size", type=int, default=64, help="frame size in pixels, 32..256 (default 64)")
-    parser.add_argument("--n-normal", type=int, default=8000, help="normal frames in the train split")
-    parser.add_argument("--n-val", type=int, default=1000, help="normal frames in the val split")
-    parser.add_argument("--n-test-normal", type=int, default=1000, help="normal frames in the test split")
-    parser.add_argument("--n-per-family", type=int, default=200, help="test frames of each edge-case family")
+    parser.add_argument(
+        "--n-normal", type=int, default=8000, help="normal frames in the train split (default 8000)"
+    )
+    parser.add_argument(
+        "--n-val", type=int, default=1000, help="normal frames in the val split (default 1000)"
+    )
+    parser.add_argument(
+        "--n-test-normal", type=int, default=1000, help="normal frames in the test split (default 1000)"
+    )
+    parser.add_argument(
+        "--n-per-family", type=int, default=200, help="test frames of each edge-case family (default 200)"
+    )
     parser.add_argument(
         "--families", default="all", help=f"'all' or a comma list of: {FAMILY_NAMES} (default all)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed and flags, same frames")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed; same seed and flags, same frames (default 0)"
+    )
     parser.add_argument(
         "--format",
         choices=("dir", "tar", "parquet"),
