@@ -13,7 +13,9 @@ and the resize rule (docs/architecture.md, "Readers"). Keys are the same in ever
 
 A folder source also yields the ``*.tar`` and ``*.parquet`` files inside it, and when it holds a
 ``labels.csv`` its loose images get ``family``/``split``/``strength`` metadata from it, so a
-``dir`` data set carries the same metadata as a tar or Parquet one.
+``dir`` data set carries the same metadata as a tar or Parquet one. In such a labelled folder the
+labels define the data set: a loose image it does not list (``edgecase synth``'s contact sheet, a
+plot) is not a frame and is skipped with a debug log line.
 
 Bad data never ends a run: a frame that fails to decode is logged with its source and key,
 counted in a ``ReadReport`` and skipped; a truncated tar or unreadable Parquet file is reported
@@ -132,15 +134,15 @@ def _walk_folder(root: Path) -> list[tuple[str, Path, str]]:
     return found
 
 
-def _folder_labels(root: Path, report: ReadReport) -> dict[str, dict[str, Any]]:
-    """Metadata for loose images from ``root/labels.csv`` (empty if absent or unusable)."""
+def _folder_labels(root: Path, report: ReadReport) -> dict[str, dict[str, Any]] | None:
+    """Metadata for loose images from ``root/labels.csv``; None if absent or unusable."""
     if not (root / LABELS_FILENAME).is_file():
-        return {}
+        return None
     try:
         rows = read_labels(root)
     except (LabelsError, OSError, UnicodeDecodeError) as exc:
         report.add_source_error(str(root / LABELS_FILENAME), f"labels ignored: {exc}")
-        return {}
+        return None
     return {row.key: {"family": row.family, "split": row.split, "strength": row.strength} for row in rows}
 
 
@@ -191,13 +193,18 @@ class _Reader:
             yield frame
 
     def read_folder(self, root: Path) -> Iterator[Frame]:
-        labels: dict[str, dict[str, Any]] | None = None  # loaded at the first loose image
+        labels: dict[str, dict[str, Any]] | None = None
+        labels_loaded = False  # at the first loose image
         for relative, path, kind in _walk_folder(root):
             if kind == "image":
-                if labels is None:
-                    labels = _folder_labels(root, self.report)
+                if not labels_loaded:
+                    labels, labels_loaded = _folder_labels(root, self.report), True
                 key = relative.rsplit(".", 1)[0]
-                yield from self.read_image_file(path, key, dict(labels.get(key, {})))
+                if labels is not None and key not in labels:
+                    logger.debug("skipping %s: not listed in %s", path, root / LABELS_FILENAME)
+                    continue
+                meta = dict(labels[key]) if labels is not None else {}
+                yield from self.read_image_file(path, key, meta)
             elif kind == "tar":
                 yield from self.read_tar(path)
             else:

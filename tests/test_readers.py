@@ -158,6 +158,16 @@ def test_folder_labels_give_loose_images_their_meta(tmp_path: Path) -> None:
     assert frame.meta == {"family": "deer", "split": "test", "strength": 0.0}
 
 
+def test_in_a_labelled_folder_only_listed_images_are_frames(tmp_path: Path) -> None:
+    """A synth folder's contact sheet (or any plot beside the data) is not a frame."""
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "a.png")
+    Image.fromarray(_frames(1)[0]).save(tmp_path / "contact_sheet.png")
+    (tmp_path / "labels.csv").write_text("path,family\na.png,normal\n")
+    report = ReadReport()
+    assert [f.key for f in iter_frames(tmp_path, report=report)] == ["a"]
+    assert report.ok == 1 and report.failed == 0
+
+
 def test_a_broken_labels_file_is_reported_but_images_are_still_read(tmp_path: Path) -> None:
     Image.fromarray(_frames(1)[0]).save(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_text("path,split\na.png,test\n")
