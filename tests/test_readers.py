@@ -226,17 +226,17 @@ def test_count_frames_counts_candidates_in_every_format(tmp_path: Path) -> None:
 def test_corrupt_image_in_a_folder_is_skipped_and_reported(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _synth_like(tmp_path, "dir", n=4)
-    bad = tmp_path / "test" / "fog" / "fog_000099.png"
+    _synth_like(tmp_path, "dir", n=5)
+    bad = tmp_path / "test" / "fog" / "fog_000003.png"
     bad.write_text("I am text pretending to be a PNG")
     report = ReadReport()
     with caplog.at_level(logging.WARNING, logger="contract.readers"):
         frames = list(iter_frames(tmp_path, report=report))
     assert len(frames) == 4 and report.ok == 4 and report.failed == 1
     source, key, reason = report.errors[0]
-    assert (source, key) == (str(bad), "test/fog/fog_000099")
+    assert (source, key) == (str(bad), "test/fog/fog_000003")
     assert "not a recognised image" in reason
-    assert "test/fog/fog_000099" in caplog.text and str(bad) in caplog.text
+    assert "test/fog/fog_000003" in caplog.text and str(bad) in caplog.text
     assert "skipped 1" in report.summary()
 
 
