@@ -9,6 +9,23 @@ selectable and combinable with ``+`` (e.g. ``spectral+r1``):
 - ``label-smoothing``: one-sided, real target ``1 - label_smoothing`` (Salimans et al. 2016);
 - ``none``.
 
+Measured (synthetic road frames at 32x32, 8,000 train / 500 val normals, width 32, batch 64, 750
+steps, seed 0; ``fd_pixels`` is the pixel-PCA Fréchet distance to val frames, floor 0.45 = train vs
+val; ``div`` the diversity ratio at the end):
+
+    stabiliser          fd_pixels by epoch 1..6                 div   D loss  D(val real)
+    none                24.9  7.2  5.5  4.3  5.1  3.6           1.10  0.52    0.98
+    spectral            11.3 11.6  8.7  8.2  7.8  4.9           0.89  1.32    0.52
+    label-smoothing     28.2  7.0  5.2  4.8  3.8  3.7           1.03  0.68    0.75
+    r1, gamma 1         29.0 12.6  6.7  4.4  3.8  3.1           0.89  1.23    0.53
+    r1, gamma 0.1       17.3  4.0  2.6  1.9  1.7  1.7           0.93  0.79    0.63
+
+R1 with a small gamma halves the distance of the plain DCGAN and keeps D from saturating (its belief
+in real frames stays near 0.6 instead of 0.98, so ``-log D(x)`` keeps a usable range), hence the
+default; gamma 10 (StyleGAN's value at 1024 px) stalled learning (fd 45.6 after 336 steps where the
+others were at 6-14). Spectral norm with the same learning rate for G and D learns slowest. One seed
+each (run-to-run noise not measured), so only the large gaps are evidence.
+
 Early stopping: a GAN has no validation loss that tracks sample quality, so phase 1 runs a fixed
 epoch budget bounded by ``max_minutes`` (phase 1 gets ``GAN_TIME_SHARE`` of it) and keeps the last
 epoch. Each epoch still records, on validation normals, D's loss, G's loss and D's mean belief
@@ -76,24 +93,24 @@ class GANConfig:
 
     size: int = 64
     batch_size: int = 64
-    epochs: int = 15
+    epochs: int = 10
     lr: float = 2e-4
     seed: int = 0
     device: str = "auto"
     amp: bool = True
     patience: int = 3
-    max_minutes: float | None = 20.0
+    max_minutes: float | None = 15.0
     dry_run: bool = False
     num_workers: int = 0
     latent_dim: int = 100
     width: int = 32
-    stabiliser: str = "spectral"
-    r1_gamma: float = 10.0
+    stabiliser: str = "r1"  # measured best (see the module docstring)
+    r1_gamma: float = 0.1  # 10 (the StyleGAN default at 1024 px) stalls learning at 32-64 px
     r1_every: int = 4
     label_smoothing: float = 0.1
     beta1: float = 0.5
     beta2: float = 0.999
-    encoder_epochs: int = 10
+    encoder_epochs: int = 8
     encoder_lr: float = 5e-4
     kappa: float = 1.0
     bank_size: int = 4000
