@@ -144,6 +144,24 @@ def _expm1_symbolic(g: Any, x: Any) -> Any:
     return g.op("Where", ends, u_minus_1, small)
 
 
+def _softplus_symbolic(g: Any, x: Any, beta: Any, threshold: Any) -> Any:
+    """softplus(x) = relu(x) + log(1 + exp(-|x|)) (for beta = 1; else scaled by beta).
+
+    onnxruntime's own Softplus kernel is scalar: 13 ms vs 3.5 ms for these seven vectorised ops on
+    1.2M values (one thread), and it dominated the ELBO heads (22 of 80 ms at batch 32). Same
+    accuracy: absolute error <= 1e-6 against torch; below x = -17 it returns 0 for exp(x) < 6e-8.
+    """
+    import torch
+    from torch.onnx import symbolic_helper
+
+    b = float(symbolic_helper._maybe_get_const(beta, "f"))
+    bx = x if b == 1.0 else g.op("Mul", x, g.op("Constant", value_t=torch.tensor(b)))
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    tail = g.op("Log", g.op("Add", g.op("Exp", g.op("Neg", g.op("Abs", bx))), one))
+    out = g.op("Add", g.op("Relu", bx), tail)
+    return out if b == 1.0 else g.op("Div", out, g.op("Constant", value_t=torch.tensor(b)))
+
+
 def export_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> tuple[list[str], str]:
     """Trace `graph` at batch TRACE_BATCH into `path`; returns (output names, exporter used).
 
@@ -163,6 +181,7 @@ def export_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> 
     names = ["score", "anomaly_map"][:n_out]
     dynamic_axes = {"frames": {0: "N"}, **{n: {0: "N"} for n in names}}
     torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::softplus", _softplus_symbolic, opset)
     try:
         torch.onnx.export(
             graph,
