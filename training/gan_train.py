@@ -499,6 +499,7 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         epoch = state["gan_epoch"] + 1
         order = _order(len(train), cfg.seed, epoch)
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # r1 is logged only on the steps that apply it
         steps = _steps(len(train), cfg.batch_size, cfg.dry_run)
         started = time.monotonic()
         for i in tqdm(range(steps), desc=f"GAN epoch {epoch}/{gan_epochs}", unit="step", leave=False):
@@ -506,13 +507,14 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
             real = to_model_input(torch.from_numpy(train[idx]).to(device))
             for k, v in gan_step(G, D, opts["g"], opts["d"], real, cfg, state["step"], amp).items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             state["step"] += 1
         refresh_batchnorm(model, train, z_bank, cfg)
         metrics, samples = gan_epoch_metrics(model, train, val, z_fixed, quality)
         record = {
             "phase": "gan",
             "epoch": epoch,
-            **{f"train_{k}": v / steps for k, v in sums.items()},
+            **{f"train_{k}": v / counts[k] for k, v in sums.items()},
             **metrics,
             "fd_pixels_floor": fd_floor,
             "epoch_s": time.monotonic() - started,
