@@ -261,7 +261,10 @@ def drive_wrk(
     body_file.write_bytes(body[0])
     env = dict(os.environ, BENCH_BODY=str(body_file), BENCH_CONTENT_TYPE=body[1])
     threads = str(min(2, concurrency))
-    base = ["wrk", "-t", threads, "-c", str(concurrency), "--timeout", "30s", "-s", str(script)]
+    # A timed-out request is re-sent while the server still works on it, which snowballs into 429s;
+    # under a closed loop no request should wait longer than the point lasts.
+    timeout = f"{max(30, round(seconds + warmup_s))}s"
+    base = ["wrk", "-t", threads, "-c", str(concurrency), "--timeout", timeout, "-s", str(script)]
     if warmup_s > 0:
         subprocess.run(
             [*base, "-d", f"{max(1, round(warmup_s))}s", f"{url}/score"],
