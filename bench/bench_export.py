@@ -207,7 +207,7 @@ def bench_variants(
                         normal = scores[variant][fam == "normal"]
                         per_family = {
                             f: auroc(normal, scores[variant][fam == f])
-                            for f in sorted(set(families)) - {"normal"}
+                            for f in sorted(set(families) - {"normal"})
                         }
                         row["mean_auroc"] = float(np.mean(list(per_family.values())))
                         row["max_rel_diff_vs_fp32"] = float(rel_diff(scores["fp32"], scores[variant]).max())
