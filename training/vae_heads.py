@@ -10,9 +10,10 @@ buffers fixed at build time (so a frame always gets the same score, in torch and
   over channels; score = the mean of the map over pixels / 3 (the plain MSE). The map -> score rule
   was chosen by the validation protocol of training/combo_heads.py (300 validation normals against
   the same frames with CutPaste / noise-patch corruptions; no edge-case family involved): on a
-  default 64 px run the mean scored AUROC 0.637 there, the top-1% mean 0.593, the max of the
-  5x5-averaged map 0.585 and its top-1% mean 0.610. The smooth reconstruction of a VAE leaves
-  per-pixel errors everywhere (sensor noise, edges), so the few worst pixels are mostly noise.
+  64 px run (5 epochs) the mean scored AUROC 0.659 there, the top-1% mean 0.618, the max of the
+  5x5-averaged map 0.636 and its top-1% mean 0.653 (after 2 epochs: 0.637, 0.593, 0.585, 0.610).
+  The smooth reconstruction of a VAE leaves per-pixel errors everywhere (sensor noise, edges), so
+  the few worst pixels are mostly noise.
 - ``vae-iwae``: importance-weighted bound on -log p(x) (Burda et al., ICLR 2016) with K fixed noise
   draws, bits/dim: -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)); tighter than the ELBO, more so with K.
 - ``vae-complexity``: Serrà et al. (ICLR 2020): S(x) = -log2 p(x) - L(x) in bits/dim, with the
