@@ -278,6 +278,7 @@ def drive_wrk(
             capture_output=True,
             check=True,
         )
+    wait_drained(url)  # the warm-up's last requests are abandoned, not cancelled
     cpu_before = tree_cpu_seconds(server_pid) if server_pid else float("nan")
     out = subprocess.run(
         [*base, "-d", f"{max(1, round(seconds))}s", f"{url}/score"],
@@ -333,6 +334,28 @@ def scored_and_flagged(url: str) -> tuple[float, float]:
     return totals["edgecase_frames_scored_total"], totals["edgecase_frames_flagged_total"]
 
 
+def wait_drained(url: str, timeout_s: float = 600.0) -> None:
+    """Wait until the server's batcher queues are empty.
+
+    A client that goes away (the end of a previous point, or of a warm-up) leaves its requests queued;
+    the server still scores them, and the next point must not start on top of that backlog.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        depth = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("edgecase_queue_depth_frames{")
+        )
+        if depth == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {url} still had queued frames after {timeout_s:.0f} s")
+
+
 def measure_point(
     url: str,
     bodies: list[tuple[bytes, str]],
@@ -354,6 +377,7 @@ def measure_point(
     warmup = max(args.warmup, in_flight_s)
     runs = []
     for _ in range(args.repeats):
+        wait_drained(url)
         scored_before, flagged_before = scored_and_flagged(url)
         if args.client == "wrk":
             run = drive_wrk(
