@@ -116,3 +116,14 @@ def test_plots_write_pngs_for_both_training_loops(tmp_path: Path) -> None:
         image_grid(frames.astype(np.float32), nrow=4)
     with pytest.raises(ValueError, match="labels"):
         plot_tsne(rng.normal(size=(5, 2)), ["a"], tmp_path / "bad.png")
+
+
+def test_repeated_loads_are_cached_copies_and_see_new_frames(tmp_path: Path) -> None:
+    folder = write_plain_folder(tmp_path / "frames", 10)
+    a = load_training_frames([folder], 32, seed=3)
+    b = load_training_frames([folder], 32, seed=3)
+    assert a.fingerprint == b.fingerprint and np.array_equal(a.train, b.train)
+    b.train[:] = 0  # a caller's copy: scribbling on it does not reach the next caller
+    assert np.array_equal(load_training_frames([folder], 32, seed=3).train, a.train)
+    write_plain_folder(tmp_path / "frames" / "more", 5, seed=9)  # frames added: not served stale
+    assert len(load_training_frames([folder], 32, seed=3).train) > len(a.train)

@@ -14,18 +14,22 @@ Sources (``--data``, several allowed; they concatenate, so frames reviewed as no
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from tqdm import tqdm
+
 from contract.labels import is_normal, read_labels
 from contract.readers import ReadReport, iter_frames
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,58 @@ def load_training_frames(
     ``max_frames`` caps the training frames per source (val gets ``val_fraction`` of that), for dry
     runs and quick experiments; reading stops early instead of decoding everything.
     Raises ValueError (clear message) for a missing source or when no frames are found.
+
+    The last couple of results are cached in-process (keyed by the arguments and the sources'
+    modification times): training, its plots and the calibration of local heads all ask for the
+    same frames in one command. Callers get their own copies of the arrays.
     """
+    key = _cache_key(sources, size, seed, val_fraction, max_frames)
+    cached = _CACHE.get(key) if key is not None else None
+    if cached is None:
+        cached = _load_training_frames(sources, size, seed, val_fraction, max_frames)
+        if key is not None:
+            _CACHE[key] = cached
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.pop(next(iter(_CACHE)))
+    return dataclasses.replace(
+        cached,
+        train=cached.train.copy(),
+        val=cached.val.copy(),
+        sources=list(cached.sources),
+        labels=None if cached.labels is None else list(cached.labels),
+    )
+
+
+_CACHE_SIZE = 2
+_CACHE: dict[tuple[Any, ...], TrainingData] = {}
+
+
+def _cache_key(
+    sources: Sequence[str | Path], size: int, seed: int, val_fraction: float, max_frames: int | None
+) -> tuple[Any, ...] | None:
+    """Arguments plus, per source, the newest mtime of its folders and files at the top levels a write
+    touches (a folder's mtime changes when an entry is added, removed or renamed in it; shards and
+    labels.csv are replaced atomically); None (no caching) when a source is missing."""
+    stamps = []
+    for source in sources:
+        path = Path(source)
+        try:
+            newest = path.stat().st_mtime_ns
+            if path.is_dir():
+                for root, _, files in os.walk(path):
+                    newest = max(newest, os.stat(root).st_mtime_ns)
+                    for name in files:
+                        if name.endswith((".tar", ".parquet", ".csv")):
+                            newest = max(newest, os.stat(os.path.join(root, name)).st_mtime_ns)
+            stamps.append((str(path.resolve()), newest))
+        except OSError:
+            return None
+    return (tuple(stamps), size, seed, val_fraction, max_frames)
+
+
+def _load_training_frames(
+    sources: Sequence[str | Path], size: int, seed: int, val_fraction: float, max_frames: int | None
+) -> TrainingData:
     if not sources:
         raise ValueError("no data sources given (use --data DIR_OR_SHARDS)")
     if not 0.0 < val_fraction < 1.0:
