@@ -93,7 +93,7 @@ def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) ->
         saved = json.loads((run / "calibration" / f"{head}.json").read_text())
         assert saved["n"] == 30 and saved["target_fpr"] == 0.1 and saved["head"] == head
         expected = np.sort(score_frames(build_score_graph(run, head), val, batch_size=7))
-        np.testing.assert_allclose(saved["scores"], expected, rtol=1e-6)
+        np.testing.assert_allclose(saved["scores"], expected, rtol=1e-5)  # float32, other batching
         assert np.mean(expected > cal.threshold) <= 0.1
 
 
