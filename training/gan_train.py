@@ -98,11 +98,11 @@ class GANConfig:
     lr: float = 2e-4
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
-    patience: int = 3
-    max_minutes: float | None = 15.0
+    amp: bool = True  # bfloat16 autocast, CUDA only
+    patience: int = 3  # encoder phase only (the GAN phase has no validation loss to stop on)
+    max_minutes: float | None = 15.0  # whole run; the GAN phase gets GAN_TIME_SHARE of it
     dry_run: bool = False
-    num_workers: int = 0
+    num_workers: int = 0  # frames live in memory; kept for a common CLI with the VAE
     latent_dim: int = 100
     width: int = 32
     stabiliser: str = "r1"  # measured best (see the module docstring)
