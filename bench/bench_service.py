@@ -491,7 +491,7 @@ def report(label: str, inproc: list[InProcess], runs: list[ServiceRun], args: ar
             verdict = "MET" if ratio >= target else "MISSED"
             lines.append(
                 f"- concurrency 32, {frames_per_request} frame(s)/request: {run.frames_per_s:,.0f} / "
-                f"{base.frames_per_s:,.0f} frames/s = {ratio:.2f} [CPU {cpu_ratio:.2f}] "
+                f"{base.frames_per_s:,.0f} frames/s = {ratio:.3f} [CPU {cpu_ratio:.3f}] "
                 f"(target >= {target}) {verdict}"
             )
     run = next((r for r in runs if r.frames_per_request == 1 and r.concurrency == 1), None)
