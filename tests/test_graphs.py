@@ -202,7 +202,7 @@ class Constant(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = frames.float()
         score = x.mean(dim=(1, 2, 3)) * self.factor
-        return (score, x.mean(dim=3)) if self.with_map else score
+        return (score, x.mean(dim=3) * self.factor) if self.with_map else score
 
 
 def test_combine_rules() -> None:
@@ -240,6 +240,9 @@ def test_combo_graph_standardises_and_combines(tmp_path: Path) -> None:
     score, amap = combo(frames)
     torch.testing.assert_close(score, torch.full((3,), 2.0))  # z = (14-10)/2 = 2 and (28-20)/4 = 2
     assert amap.shape == (3, 4, 4)
+    both = [Constant(1.0, with_map=True), Constant(2.0, with_map=True)]
+    _, amap = ComboGraph(both, [0.0, 0.0], [1.0, 1.0], "max", map_from=1)(frames)
+    torch.testing.assert_close(amap, torch.full((3, 4, 4), 28.0))  # the second component's map
     with pytest.raises(ValueError, match="one center and one scale"):
         ComboGraph([Constant(1.0)], [0.0, 1.0], [1.0], "max")
 

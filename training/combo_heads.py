@@ -91,12 +91,17 @@ def combine(z: np.ndarray | torch.Tensor, rule: str) -> Any:
 class ComboGraph(nn.Module):
     """Score graph: robust z-scores of component graphs, combined by a fixed rule.
 
-    Returns the anomaly map of the first component that has one (the patch head), so the combined
-    head still shows *where*.
+    Returns the anomaly map of component ``map_from`` (the patch head in built combos; default: the
+    first component that has a map), so the combined head still shows *where*.
     """
 
     def __init__(
-        self, components: list[nn.Module], center: list[float], scale: list[float], rule: str
+        self,
+        components: list[nn.Module],
+        center: list[float],
+        scale: list[float],
+        rule: str,
+        map_from: int | None = None,
     ) -> None:
         super().__init__()
         if not components or len(components) != len(center) or len(center) != len(scale):
@@ -107,14 +112,16 @@ class ComboGraph(nn.Module):
         self.register_buffer("center", torch.tensor(center, dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
         self.rule = rule
+        self.map_from = map_from
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         scores = []
         amap = None
-        for component in self.components:
+        for k, component in enumerate(self.components):
             out = component(frames)
             if isinstance(out, tuple | list):
-                if amap is None and len(out) > 1:
+                wanted = self.map_from is None or self.map_from == k
+                if amap is None and wanted and len(out) > 1:
                     amap = out[1]
                 out = out[0]
             scores.append(out.float())
@@ -161,11 +168,12 @@ def build_combo_graph(
     if not names:
         raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
     graphs = [build_score_graph(run_dir, h) for h in names]
+    map_from = names.index(f"{kind}-patch") if f"{kind}-patch" in names else None
     cache = run_dir / "banks" / f"{kind}-combo.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("version") == COMBO_FORMAT_VERSION and saved.get("components") == names:
-            return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"]).eval()
+            return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"], map_from).eval()
     val = run_normals(run_dir, split="val", limit=MAX_COMBO_VAL)
     if len(val) == 0:
         raise ValueError(f"{kind}-combo needs validation normals, the run has none")
@@ -202,4 +210,4 @@ def build_combo_graph(
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record, indent=1))
-    return ComboGraph(graphs, center, scale, rule).eval()
+    return ComboGraph(graphs, center, scale, rule, map_from).eval()

@@ -110,8 +110,8 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
             kind=kind,
             units="combined z-score",
             definition=f"combination of standardised {kind} head scores (statistics on validation "
-            "normals, rule chosen on self-supervised pseudo-anomalies)",
-            has_map=False,
+            "normals, rule chosen on self-supervised pseudo-anomalies); map of the patch head",
+            has_map=True,
             builder=build_combo,
         ),
     }
