@@ -151,7 +151,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
     families: list[str] = []
     for kind in args.kinds:
         start = time.perf_counter()
-        run = train(kind, data, out / kind, args.minutes, args.train_args)
+        run = train(kind, data, out / kind, args.minutes, ["--size", str(args.size), *args.train_args])
         timings[f"train {kind} (s)"] = time.perf_counter() - start
         start = time.perf_counter()
         kind_results, families, frames, _ = evaluate_run(
