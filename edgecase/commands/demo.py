@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import socket
 import subprocess
@@ -90,6 +91,7 @@ def _sample_frames(data: Path, per_family: int) -> list[tuple[str, str, Path]]:
 def run(args: argparse.Namespace) -> int:
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
     work: Path = args.workdir.resolve()
     data, run_dir, repo, store = work / "data", work / "runs" / "vae", work / "models", work / "flagged"
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,18 @@ def run(args: argparse.Namespace) -> int:
     _step(4, f"serve {repo} on {base}")
     env = dict(os.environ, EDGECASE_FLAGGED_DIR=str(store), EDGECASE_DEFAULT_MODEL=name)
     server = subprocess.Popen(
-        [sys.executable, "-m", "edgecase.cli", "serve", "--repo", str(repo), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "edgecase.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],  # fmt: skip
         env=env,
     )
     try:
