@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"  id={item['id']} score={item['score']:.4g} p={item['p_value']:.4f} key={item.get('key')}"
             )
-        print(f'review one:  curl -X POST {base}/flagged/<id>/review -d \'{{"label": "normal"}}\'')
+        review = "-H 'content-type: application/json' -d '{\"label\": \"normal\"}'"
+        print(f"review one:  curl -X POST {base}/flagged/<id>/review {review}")
         print(f"export them: edgecase flagged export --store {store} --review unreviewed --out {work}/review")
     finally:
         server.terminate()
