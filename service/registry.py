@@ -70,6 +70,9 @@ def make_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
+    # Idle intra-op threads must not spin: in the service they would burn the cores that the event
+    # loop needs for HTTP and decoding (measured by bench/bench_service.py on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
