@@ -20,6 +20,7 @@ from eval_helpers import edge_frames, normal_frames, write_labelled_folder, writ
 from torch import nn  # noqa: E402
 
 from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies  # noqa: E402
+from training.export import export_onnx  # noqa: E402
 from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
 from training.local_heads import (  # noqa: E402
     PatchDistanceGraph,
@@ -52,24 +53,11 @@ def tiny_patch_graph(train: np.ndarray, bank_size: int = 16) -> PatchDistanceGra
 
 
 def export_and_run(graph: nn.Module, frames: np.ndarray, path: Path) -> list[np.ndarray]:
-    """Export at batch 2 with a dynamic batch axis, then run onnxruntime on ``frames``."""
-    example = torch.from_numpy(frames[:2].copy())
-    with torch.no_grad():
-        out = graph(example)
-    names = ["score", "anomaly_map"][: len(out) if isinstance(out, tuple) else 1]
+    """Export with the exporter `edgecase export` uses (dynamic batch axis), then run onnxruntime."""
     with warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation; that is torch's business, not ours.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=["frames"],
-            output_names=names,
-            dynamic_axes={"frames": {0: "N"}, **{n: {0: "N"} for n in names}},
-            opset_version=17,
-            dynamo=False,
-        )
+        export_onnx(graph, path, size=frames.shape[1])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"frames": frames})
 
