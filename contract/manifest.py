@@ -70,6 +70,8 @@ class OutputSpec(_Strict):
 
 
 class Threshold(_Strict):
+    """Where the flag goes: a frame is an edge case when ``score > value`` (:func:`is_edge_case`)."""
+
     value: float
     target_fpr: float = Field(gt=0.0, lt=1.0)
     calibration_n: int = Field(gt=0)
@@ -198,6 +200,16 @@ class Manifest(_Strict):
     def write(self, path: Path) -> None:
         """Write as JSON (callers write into a temporary folder that is published by rename)."""
         Path(path).write_text(self.to_json(), encoding="utf-8")
+
+
+def is_edge_case(scores: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
+    """The one flag rule: strictly above the threshold.
+
+    The threshold is the calibration scores' (1 - target FPR) quantile (training/calibrate.py), so
+    "strictly above" keeps the false-positive rate on the calibration set at or below the target;
+    service, batch scoring and evaluation all call this.
+    """
+    return np.asarray(scores) > threshold
 
 
 def thin_scores(scores: npt.ArrayLike, max_stored: int = MAX_STORED_SCORES) -> list[float]:

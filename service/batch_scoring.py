@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from contract.frames import encode_png, resize_frame
+from contract.manifest import is_edge_case
 from contract.readers import Frame, ReadReport, count_frames, iter_frames
 from service.flagged import FlaggedStore, NewFlag
 from service.registry import LoadedModel
@@ -187,7 +188,7 @@ def score_dataset(
             for batch in _batches(iter_frames(sources, report=report), batch_size):
                 scores = score_batch(model, [frame.image for frame in batch])
                 p_values = model.p_values(scores)
-                flags = scores > threshold
+                flags = is_edge_case(scores, threshold)
                 rows.write(
                     {
                         "key": [frame.key for frame in batch],

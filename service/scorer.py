@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from contract.frames import encode_png
+from contract.manifest import is_edge_case
 from service.batcher import Batcher, BatcherClosedError
 from service.decoding import Payload, decode_frames, to_batch
 from service.errors import InferenceError, NotReadyError, StoreError, UnknownModelError
@@ -289,7 +290,7 @@ class FrameResult(BaseModel):
     score: float = Field(description="anomaly score in the model's units (higher = more anomalous)")
     p_value: float = Field(ge=0.0, le=1.0, description="(1 + #calibration scores >= score) / (n + 1)")
     threshold: float
-    is_edge_case: bool = Field(description="score >= threshold")
+    is_edge_case: bool = Field(description="score > threshold (strictly)")
     model: str
     version: int
     flagged_id: int | None = Field(None, description="id in the flagged store (edge cases only)")
@@ -359,7 +360,7 @@ async def score_payloads(
         raise InferenceError(f"model {model.name}/{model.version} returned a non-finite score for {bad}")
     p_values = model.p_values(scores)
     threshold = model.threshold
-    edge = scores >= threshold
+    edge = is_edge_case(scores, threshold)
     flagged = await _flag(store, model, payloads, frames, scores, p_values, edge, options.source)
     maps = outputs.get("anomaly_map") if options.maps else None
     encoded = await asyncio.to_thread(lambda: [encode_map(m) for m in maps]) if maps is not None else None

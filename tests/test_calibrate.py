@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.manifest import is_edge_case
 from training.calibrate import calibrate_scores, load_calibration, p_value, save_calibration
 
 
@@ -42,9 +43,18 @@ def test_threshold_is_the_inverted_cdf_quantile() -> None:
 def test_at_most_the_target_fpr_of_calibration_normals_exceed_the_threshold(n: int, fpr: float) -> None:
     scores = np.random.default_rng(n).normal(size=n)
     cal = calibrate_scores(scores, target_fpr=fpr)
-    exceed = np.mean(scores > cal.threshold)
+    exceed = np.mean(is_edge_case(scores, cal.threshold))  # the flag rule service and evaluation use
     assert exceed <= fpr + 1e-12
     assert exceed > fpr - 1.0 / n - 1e-12  # and not needlessly conservative
+
+
+def test_a_score_equal_to_the_threshold_is_not_flagged() -> None:
+    """With ties (quantised scores) '>=' would flag more normals than the target allows."""
+    scores = np.r_[np.zeros(95), np.ones(5)]
+    cal = calibrate_scores(scores, target_fpr=0.01)
+    assert cal.threshold == 1.0
+    assert not is_edge_case(scores, cal.threshold).any()
+    assert is_edge_case([1.0 + 1e-9], cal.threshold).all()
 
 
 def test_quantiles_and_scores_are_stored_sorted() -> None:

@@ -50,7 +50,7 @@ def test_multipart_frames_come_back_in_request_order_keyed_by_filename(client: h
         assert result["score"] == pytest.approx(value / 255, abs=1e-6)
         assert result["p_value"] == pytest.approx(expected_p_value(result["score"]))
         assert result["threshold"] == 0.25
-        assert result["is_edge_case"] == (value / 255 >= 0.25)
+        assert result["is_edge_case"] == (value / 255 > 0.25)
         assert (result["model"], result["version"]) == ("bright", 2)
         assert ("flagged_id" in result) == result["is_edge_case"]
 

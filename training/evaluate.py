@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from contract.manifest import is_edge_case
 from training.calibrate import Calibration, calibrate_scores
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ def binary_metrics(
         "n_anomaly": len(pos),
     }
     if threshold is not None:
-        out["detection_rate"] = float(np.mean(pos > threshold))
-        out["false_positive_rate"] = float(np.mean(neg > threshold))
+        out["detection_rate"] = float(np.mean(is_edge_case(pos, threshold)))
+        out["false_positive_rate"] = float(np.mean(is_edge_case(neg, threshold)))
     return out
 
 
