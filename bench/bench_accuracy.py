@@ -3,8 +3,9 @@
 (a) ``synthetic``: ``edgecase synth`` (fixed seed, N training normals) -> ``edgecase train vae`` and
     ``edgecase train gan`` with default settings (or ``--minutes`` each) -> every head of both runs
     and the three pixel baselines scored on the synth test split -> AUROC per family, mean over
-    families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. An ablation row per
-    kind scores the patch head with *randomly initialised* early layers (are trained features needed?).
+    families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. Ablation rows per
+    kind score the patch head with *randomly initialised* early layers (are trained features
+    needed?) and with raw distances instead of per-cell z-scores (does the normalisation help?).
 (b) ``digits``: scikit-learn's handwritten digits (8x8 grey, 1,797 images), upsampled to 32x32 RGB by
     the one resize rule (contract.frames.resize_frame). One-class protocol: for each digit, 60% of its
     images train, 15% validate (early stopping, calibration), 25% are the normal test frames; the
@@ -55,17 +56,22 @@ def train(kind: str, data: Path, out: Path, minutes: float | None, extra: list[s
     return out
 
 
-def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
-    """The patch head with random-init early layers, calibrated like the others; a ScorerResult."""
+# Ablations of the patch head: are trained early layers needed, and does per-cell normalisation help?
+ABLATIONS = {"random init": {"random_init": True}, "raw distances": {"cell_norm": False}}
+
+
+def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str], variant: str) -> Any:
+    """The patch head built with one ablation setting, calibrated like the others; a ScorerResult."""
     from training.calibrate import calibrate_scores
     from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
     from training.local_heads import build_patch_graph, run_normals
 
-    graph = build_patch_graph(run_dir, kind, random_init=True)
+    name = f"{kind}-patch ({variant})"
+    graph = build_patch_graph(run_dir, kind, **ABLATIONS[variant])
     val = run_normals(run_dir, "val")
-    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=f"{kind}-patch (random init)")
-    scores, _ = score_with_maps(graph, frames, desc=f"{kind}-patch random")
-    result = ScorerResult(f"{kind}-patch (random init)", "ablation", scores, calibration)
+    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
+    scores, _ = score_with_maps(graph, frames, desc=name)
+    result = ScorerResult(name, "ablation", scores, calibration)
     result.metrics = evaluate_scores(scores, families, calibration.threshold)
     return result
 
@@ -159,7 +165,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         )
         results += kind_results
         if args.ablation:
-            results.append(ablation_scores(run, kind, frames, families))
+            results.extend(ablation_scores(run, kind, frames, families, v) for v in ABLATIONS)
         timings[f"evaluate {kind} (s)"] = time.perf_counter() - start
     counts = {f: families.count(f) for f in sorted(set(families))}
     text = "\n".join(
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--n-normal", type=int, default=8000)
     syn.add_argument("--max-per-family", type=int, default=None, help="test frames per family (default: all)")
     syn.add_argument(
-        "--no-ablation", dest="ablation", action="store_false", help="skip random-init patch rows"
+        "--no-ablation", dest="ablation", action="store_false", help="skip the patch-head ablation rows"
     )
     syn.add_argument("--synth-args", default="", help='extra flags for edgecase synth, e.g. "--n-test 200"')
     dig = sub.add_parser("digits", help="one-class handwritten digits, all ten digits")

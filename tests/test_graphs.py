@@ -26,6 +26,7 @@ from training.local_heads import (  # noqa: E402
     PatchDistanceGraph,
     PatchFeatures,
     build_bank,
+    cell_statistics,
     early_layers,
     greedy_coreset,
 )
@@ -44,12 +45,18 @@ def gan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gan_run(root / "run", data)
 
 
-def tiny_patch_graph(train: np.ndarray, bank_size: int = 16) -> PatchDistanceGraph:
+def tiny_patch_graph(
+    train: np.ndarray, bank_size: int = 16, held_out: np.ndarray | None = None
+) -> PatchDistanceGraph:
+    """A patch graph on a one-conv backbone; with ``held_out`` normals, per-cell normalised."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2))
     features = PatchFeatures(backbone, channels=8, dim=8)
     bank, grid = build_bank(features, train, bank_size=bank_size, radius=1)
-    return PatchDistanceGraph(features, bank, grid).eval()
+    graph = PatchDistanceGraph(features, bank, grid).eval()
+    if held_out is None:
+        return graph
+    return PatchDistanceGraph(features, bank, grid, *cell_statistics(graph, held_out)).eval()
 
 
 def export_and_run(graph: nn.Module, frames: np.ndarray, path: Path) -> list[np.ndarray]:
@@ -164,6 +171,47 @@ def test_patch_head_is_position_aware() -> None:
 
 def test_patch_head_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
     graph = tiny_patch_graph(normal_frames(24, seed=3))
+    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path)
+
+
+def with_busy_corner(frames: np.ndarray, seed: int) -> np.ndarray:
+    """Normal frames whose top-left 8x8 corner is loud noise in every frame (a flickering sign)."""
+    frames = frames.copy()
+    frames[:, :8, :8] = np.random.default_rng(seed).integers(0, 256, (len(frames), 8, 8, 3), dtype=np.uint8)
+    return frames
+
+
+def test_per_cell_normalisation_lets_a_faint_object_stand_out_from_a_busy_region() -> None:
+    """Raw distances: the noisy corner swamps the max. Per cell: each location is judged by its own spread."""
+    train = with_busy_corner(normal_frames(40, seed=3), seed=1)
+    held_out = with_busy_corner(normal_frames(40, seed=8), seed=2)
+    normal = with_busy_corner(normal_frames(12, seed=4), seed=3)
+    faint = normal.copy()
+    rng = np.random.default_rng(5)
+    for frame in faint:  # a 4x4 square of lighter grey on the road (road is 90, the square 130)
+        y, x = int(rng.integers(19, 28)), int(rng.integers(8, 28))
+        frame[y : y + 4, x : x + 4] = 130
+    raw, per_cell = tiny_patch_graph(train), tiny_patch_graph(train, held_out=held_out)
+    with torch.no_grad():
+        raw_normal, raw_faint = raw(torch.from_numpy(normal))[0], raw(torch.from_numpy(faint))[0]
+        cell_normal, cell_faint = per_cell(torch.from_numpy(normal))[0], per_cell(torch.from_numpy(faint))[0]
+    assert raw_faint.min() <= raw_normal.max()  # the failure the normalisation exists for
+    assert cell_faint.min() > 2 * cell_normal.max()
+
+
+def test_per_cell_statistics_centre_held_out_normals() -> None:
+    train, held_out = normal_frames(40, seed=3), normal_frames(60, seed=8)
+    graph = tiny_patch_graph(train, held_out=held_out)
+    with torch.no_grad():
+        _, maps = graph(torch.from_numpy(held_out))
+        zmap = graph.distance_map(torch.from_numpy(held_out))
+    z = (zmap - graph.cell_center) * graph.inv_cell_scale
+    assert z.median(dim=0).values.abs().max() < 1e-5
+    assert maps.shape == (60, 32, 32)
+
+
+def test_per_cell_normalised_patch_head_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
+    graph = tiny_patch_graph(normal_frames(24, seed=3), held_out=normal_frames(16, seed=8))
     assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path)
 
 

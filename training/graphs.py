@@ -99,9 +99,10 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
         f"{kind}-patch": HeadInfo(
             name=f"{kind}-patch",
             kind=kind,
-            units="feature distance",
+            units="per-location z-score",
             definition=f"max over locations of the nearest-neighbour distance of early {network} "
-            "features to normal training features at the same location (position-aware PatchCore)",
+            "features to normal training features at the same location (position-aware PatchCore), "
+            "each location standardised by its median and MAD on held-out training normals",
             has_map=True,
             builder=build_patch,
         ),

@@ -49,7 +49,9 @@ GRID_SIDE = 32
 RADIUS = 1
 PROJECTION_DIM = 64
 MAX_BANK_FRAMES = 1500
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2
+MAX_CELL_FRAMES = 1000
+CELL_SCALE_FLOOR = 0.25  # of the median cell scale: a constant sky cell must not turn noise into z = 50
 
 
 def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
@@ -88,9 +90,22 @@ class PatchFeatures(nn.Module):
 
 
 class PatchDistanceGraph(nn.Module):
-    """Score graph: per-location nearest-neighbour distance to a position-aware bank of normals."""
+    """Score graph: per-location nearest-neighbour distance to a position-aware bank of normals.
 
-    def __init__(self, features: PatchFeatures, bank: torch.Tensor, grid: tuple[int, int]) -> None:
+    With ``cell_center`` / ``cell_scale`` ([h, w], from :func:`cell_statistics`) each location's
+    distance is standardised against its own spread on held-out normals before the max, so one
+    unusual cell on the quiet road shoulder is not drowned by the busy horizon (PaDiM's per-location
+    statistics, Defard et al. 2021, applied to the nearest-neighbour distance).
+    """
+
+    def __init__(
+        self,
+        features: PatchFeatures,
+        bank: torch.Tensor,
+        grid: tuple[int, int],
+        cell_center: torch.Tensor | None = None,
+        cell_scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         locations, _, dim = bank.shape
         if locations != grid[0] * grid[1]:
@@ -100,6 +115,15 @@ class PatchDistanceGraph(nn.Module):
         self.register_buffer("bank_t", bank.transpose(1, 2).contiguous())  # [L, dim, M]
         self.register_buffer("bank_sq", (bank * bank).sum(-1)[:, None, :].contiguous())  # [L, 1, M]
         self.dim = dim
+        self.cell_norm = cell_center is not None
+        if (cell_center is None) != (cell_scale is None):
+            raise ValueError("give both cell_center and cell_scale, or neither")
+        if cell_center is not None and cell_scale is not None:
+            for name, t in (("cell_center", cell_center), ("cell_scale", cell_scale)):
+                if tuple(t.shape) != tuple(grid):
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, the grid is {grid}")
+            self.register_buffer("cell_center", cell_center.float().contiguous())
+            self.register_buffer("inv_cell_scale", 1.0 / cell_scale.float().clamp_min(1e-8))
 
     def distance_map(self, frames: torch.Tensor) -> torch.Tensor:
         """[N, h, w] distance of each location's feature to its nearest bank entry."""
@@ -112,6 +136,8 @@ class PatchDistanceGraph(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dmap = self.distance_map(frames)
+        if self.cell_norm:
+            dmap = (dmap - self.cell_center) * self.inv_cell_scale
         score = dmap.flatten(1).max(dim=1).values
         amap = F.interpolate(dmap[:, None], size=frames.shape[1:3], mode="bilinear", align_corners=False)
         return score, amap[:, 0]
@@ -198,6 +224,26 @@ def build_bank(
     return torch.cat(banks).contiguous(), grid
 
 
+@torch.no_grad()
+def cell_statistics(
+    graph: PatchDistanceGraph, frames: npt.NDArray[np.uint8]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-location median and 1.4826 MAD [h, w] of the raw distance map on held-out normal frames.
+
+    The frames must not be in the bank (a bank member is at distance 0 from itself). Scales are
+    floored at ``CELL_SCALE_FLOOR`` times their median so a location that never varies does not turn
+    rendering noise into a huge z-score.
+    """
+    if len(frames) < 2:
+        raise ValueError("per-cell statistics need at least two held-out normal frames")
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    maps = torch.cat([graph.distance_map(x[i : i + 64]) for i in range(0, len(x), 64)])  # [N, h, w]
+    center = maps.median(dim=0).values
+    scale = (maps - center).abs().median(dim=0).values * 1.4826
+    floor = CELL_SCALE_FLOOR * float(scale.median()) + 1e-6
+    return center, scale.clamp_min(floor)
+
+
 def early_layers(network: nn.Module, depth: int) -> tuple[nn.Sequential, int]:
     """The leaf modules of ``network`` up to (not including) its ``depth + 1``-th conv; and its width.
 
@@ -242,16 +288,19 @@ def build_patch_graph(
     radius: int = RADIUS,
     dim: int = PROJECTION_DIM,
     random_init: bool = False,
+    cell_norm: bool = True,
 ) -> PatchDistanceGraph:
     """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
 
     ``depth`` (conv blocks of early features) defaults to :func:`default_depth` of the run's size.
+    The bank comes from up to ``MAX_BANK_FRAMES`` training normals; with ``cell_norm`` the per-cell
+    statistics come from up to ``MAX_CELL_FRAMES`` *other* training normals.
 
     ``random_init`` swaps the trained early layers for the same layers at their random
     initialisation (an ablation: are trained features needed?).
     """
     run_dir = Path(run_dir)
-    head = f"{kind}-patch" + ("-random" if random_init else "")
+    head = f"{kind}-patch" + ("-random" if random_init else "") + ("" if cell_norm else "-raw")
     network, config = early_network(run_dir, kind, random_init=random_init)
     depth = depth or default_depth(int(config["size"]))
     backbone, channels = early_layers(network, depth)
@@ -262,6 +311,7 @@ def build_patch_graph(
         "radius": radius,
         "dim": dim,
         "random_init": random_init,
+        "cell_norm": cell_norm,
         "seed": int(config.get("seed", 0)),
     }
     features = PatchFeatures(backbone, channels, dim=dim, seed=settings["seed"])
@@ -270,17 +320,31 @@ def build_patch_graph(
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("settings") == settings:
             features.load_state_dict(saved["features"])
-            return PatchDistanceGraph(features, saved["bank"], tuple(saved["grid"])).eval()
+            cells = (saved["cell_center"], saved["cell_scale"]) if cell_norm else (None, None)
+            return PatchDistanceGraph(features, saved["bank"], tuple(saved["grid"]), *cells).eval()
         log.info("%s: settings changed, rebuilding the bank", cache)
-    frames = run_normals(run_dir, "train", limit=MAX_BANK_FRAMES)
-    bank, grid = build_bank(features, frames, bank_size=bank_size, radius=radius, seed=settings["seed"])
+    bank_frames, held_out = split_train_normals(run_dir, MAX_BANK_FRAMES, MAX_CELL_FRAMES if cell_norm else 0)
+    bank, grid = build_bank(features, bank_frames, bank_size=bank_size, radius=radius, seed=settings["seed"])
+    graph = PatchDistanceGraph(features, bank, grid).eval()
+    record: dict[str, Any] = {
+        "settings": settings,
+        "features": features.state_dict(),
+        "bank": bank,
+        "grid": list(grid),
+    }
+    if cell_norm:
+        if len(held_out) < 2:
+            raise ValueError(
+                f"{head}: per-cell statistics need training normals beyond the {len(bank_frames)} in the "
+                "bank; give more training frames or build with cell_norm=False"
+            )
+        record["cell_center"], record["cell_scale"] = cell_statistics(graph, held_out)
+        graph = PatchDistanceGraph(features, bank, grid, record["cell_center"], record["cell_scale"]).eval()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".pt.tmp")
-    torch.save(
-        {"settings": settings, "features": features.state_dict(), "bank": bank, "grid": list(grid)}, tmp
-    )
+    torch.save(record, tmp)
     tmp.replace(cache)
-    return PatchDistanceGraph(features, bank, grid).eval()
+    return graph
 
 
 def early_network(run_dir: Path, kind: str, *, random_init: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -307,6 +371,27 @@ def early_network(run_dir: Path, kind: str, *, random_init: bool = False) -> tup
             vae = VAE(**vae.config()).eval()
         return vae.encoder, config
     raise ValueError(f"no patch head for run kind {kind!r}; valid: gan, vae")
+
+
+def split_train_normals(
+    run_dir: str | Path, n_first: int, n_second: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Two disjoint seeded subsets of a run's training normals (bank frames, held-out frames).
+
+    When the run has fewer than ``n_first + n_second`` frames the held-out set gets at most a quarter
+    of them and the bank the rest, so small runs still have both.
+    """
+    from training.runs import load_config
+
+    frames = run_normals(run_dir, "train")
+    seed = int(load_config(run_dir).get("seed", 0))
+    if n_first + n_second > len(frames):
+        n_second = min(n_second, len(frames) // 4)
+        n_first = len(frames) - n_second
+    order = np.random.default_rng(seed).permutation(len(frames))
+    first = np.sort(order[:n_first])
+    second = np.sort(order[n_first : n_first + n_second])
+    return frames[first], frames[second]
 
 
 def run_normals(run_dir: str | Path, split: str, limit: int | None = None) -> npt.NDArray[np.uint8]:
