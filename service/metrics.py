@@ -133,6 +133,13 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.model_target_fpr = Gauge(
+            "edgecase_model_target_fpr",
+            "Target false-positive rate each serving model version was calibrated at (its manifest's)",
+            ["model", "version"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.model_loads = Counter(
             "edgecase_model_loads_total",
             "Model version loads by outcome: loaded (now serving) or refused (kept the old one)",

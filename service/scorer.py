@@ -274,7 +274,9 @@ class ModelPool:
             units=model.manifest.model.units,
             provider=model.providers[0],
         ).set(value)
-        self.metrics.model_threshold.labels(**labels).set(model.threshold if value else 0)
+        threshold = model.manifest.threshold
+        self.metrics.model_threshold.labels(**labels).set(threshold.value if value else 0)
+        self.metrics.model_target_fpr.labels(**labels).set(threshold.target_fpr if value else 0)
 
 
 # -- one request ---------------------------------------------------------------------------------

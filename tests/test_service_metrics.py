@@ -97,6 +97,7 @@ def test_the_model_info_metric_names_version_head_units_and_provider(
     }
     assert value(families, "edgecase_model_info", "edgecase_model_info", **info) == 1
     assert value(families, "edgecase_model_threshold_score", "edgecase_model_threshold_score") == 0.5
+    assert value(families, "edgecase_model_target_fpr", "edgecase_model_target_fpr") == 0.05  # its manifest
 
 
 def test_two_workers_report_the_same_merged_totals(tmp_path: Path) -> None:
