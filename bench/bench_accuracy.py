@@ -72,8 +72,32 @@ def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list
     calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
     scores, _ = score_with_maps(graph, frames, desc=name)
     result = ScorerResult(name, "ablation", scores, calibration)
+    result.metrics["protocol_auroc"] = protocol_auroc(graph, val, name)
     result.metrics = evaluate_scores(scores, families, calibration.threshold)
     return result
+
+
+def protocol_auroc(graph: Any, val: np.ndarray, name: str) -> float:
+    """The validation protocol's AUROC (held-out normals vs CutPaste / noise patches; no family)."""
+    from training.combo_heads import pseudo_auroc
+
+    return pseudo_auroc(graph, val, name)
+
+
+def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
+    """Markdown lines: protocol AUROC of each patch head and its ablations (how settings are chosen)."""
+    from training.graphs import build_score_graph
+    from training.local_heads import run_normals
+
+    lines = ["| patch head | protocol AUROC (normals vs CutPaste / noise patches) |", "|---|---:|"]
+    for kind, run in run_dirs.items():
+        head = f"{kind}-patch"
+        value = protocol_auroc(build_score_graph(run, head), run_normals(run, "val"), head)
+        lines.append(f"| `{head}` | {value:.3f} |")
+        for r in results:
+            if r.name.startswith(f"{head} (") and "protocol_auroc" in r.metrics:
+                lines.append(f"| `{r.name}` | {r.metrics['protocol_auroc']:.3f} |")
+    return lines
 
 
 def family_table(results: list[Any], families: list[str]) -> str:
@@ -155,10 +179,12 @@ def run_synthetic(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     results: list[Any] = []
     families: list[str] = []
+    runs: dict[str, Path] = {}
     for kind in args.kinds:
         start = time.perf_counter()
         run = train(kind, data, out / kind, args.minutes, ["--size", str(args.size), *args.train_args])
         timings[f"train {kind} (s)"] = time.perf_counter() - start
+        runs[kind] = run
         start = time.perf_counter()
         kind_results, families, frames, _ = evaluate_run(
             run, data, max_per_family=args.max_per_family, baselines=kind == args.kinds[0]
@@ -184,6 +210,13 @@ def run_synthetic(args: argparse.Namespace) -> int:
             "",
             *target_check(results),
             "",
+            *(
+                ["Validation protocol of the patch-head settings (no edge-case family):", ""]
+                + protocol_table(runs, results)
+                + [""]
+                if args.ablation
+                else []
+            ),
             "Timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         ]
     )

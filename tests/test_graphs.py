@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from eval_helpers import edge_frames, normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 from torch import nn  # noqa: E402
 
-from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies  # noqa: E402
+from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies, pseudo_auroc  # noqa: E402
 from training.export import export_onnx  # noqa: E402
 from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
 from training.local_heads import (  # noqa: E402
@@ -268,6 +268,15 @@ def test_pseudo_anomalies_change_a_patch_of_each_frame() -> None:
     changed = (out != frames).any(-1).sum(axis=(1, 2))
     assert out.shape == frames.shape and out.dtype == np.uint8
     assert (changed > 0).sum() >= 18 and changed.max() < 32 * 32 / 2
+
+
+def test_validation_protocol_ranks_a_local_head_above_a_global_one() -> None:
+    """The protocol (normals vs pseudo-anomalies) is how head settings are chosen: it must discriminate."""
+    val = normal_frames(60, seed=8)
+    local = pseudo_auroc(tiny_patch_graph(normal_frames(40, seed=3), held_out=normal_frames(30, seed=9)), val)
+    brightness = pseudo_auroc(Constant(1.0), val)
+    assert local > 0.8
+    assert local > brightness + 0.1
 
 
 def test_combo_graph_standardises_and_combines(tmp_path: Path) -> None:

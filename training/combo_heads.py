@@ -74,6 +74,31 @@ def pseudo_anomalies(
     return out
 
 
+def validation_halves(
+    val: npt.NDArray[np.uint8],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """The protocol's split of validation normals: (half A, half B, pseudo-anomalies of half B)."""
+    order = np.random.default_rng(0).permutation(len(val))
+    half_a, half_b = val[np.sort(order[: len(val) // 2])], val[np.sort(order[len(val) // 2 :])]
+    return half_a, half_b, pseudo_anomalies(half_b, half_a, seed=1)
+
+
+def pseudo_auroc(graph: nn.Module, val: npt.NDArray[np.uint8], name: str = "graph") -> float:
+    """AUROC of one graph on the validation protocol: normals of half B vs their pseudo-anomalies.
+
+    How a setting of a head (a grid, a normalisation) is chosen without looking at edge-case families.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from training.calibrate import score_frames
+
+    _, half_b, pseudo = validation_halves(val)
+    normal = score_frames(graph, half_b, desc=f"protocol normals {name}")
+    corrupted = score_frames(graph, pseudo, desc=f"protocol pseudo {name}")
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(corrupted))]
+    return float(roc_auc_score(labels, np.nan_to_num(np.r_[normal, corrupted], nan=np.inf)))
+
+
 def combine(z: np.ndarray | torch.Tensor, rule: str) -> Any:
     """Combine z-scores [N, K] into [N] by ``rule`` (numpy or torch; same math as the graph)."""
     if rule not in RULES:
@@ -185,9 +210,7 @@ def build_combo_graph(
         rule, by_rule, per_component = RULES[0], {}, [float("nan")] * len(names)
         half_a, half_b = val, val[:0]
     else:
-        order = np.random.default_rng(0).permutation(len(val))
-        half_a, half_b = val[np.sort(order[: len(val) // 2])], val[np.sort(order[len(val) // 2 :])]
-        pseudo = pseudo_anomalies(half_b, half_a, seed=1)
+        half_a, half_b, pseudo = validation_halves(val)
         center, scale, z_b, z_p = [], [], [], []
         for name, graph in zip(names, graphs, strict=True):
             c, s = robust_stats(score_frames(graph, half_a, desc=f"combo stats {name}"))
