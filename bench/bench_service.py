@@ -421,6 +421,10 @@ def start_server(
         str(port),
         "--workers",
         str(args.workers),
+        "--http",
+        args.http,
+        "--loop",
+        args.loop,
         "--log-level",
         "warning",
     ]
@@ -445,7 +449,8 @@ def report(label: str, inproc: list[InProcess], runs: list[ServiceRun], args: ar
     lines = [
         f"model: {label}",
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"server workers {args.workers}, onnxruntime intra-op threads {args.threads or 'all cores'}; "
+        f"server workers {args.workers}, --http {args.http} --loop {args.loop}, "
+        f"onnxruntime intra-op threads {args.threads or 'all cores'}; "
         f"each point >= {args.seconds:g} s and >= {args.rounds:g} rounds of its load, after a warm-up, "
         f"best of {args.repeats}; "
         f"client {args.client} on the same machine",
@@ -527,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per point; the best one is reported")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all cores)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="server parser")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="server loop")
     parser.add_argument(
         "--client",
         choices=["wrk", "httpx"],

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="uvicorn HTTP parser; auto = httptools when installed (the serve extra has it)"
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop; auto = uvloop when installed (the serve extra has it on Linux/macOS)"
+    )
 
     # Dynamic batching, as in Triton's dynamic batcher (max batch size, max queue delay).
     max_batch_size: int = Field(32, ge=1, description="most frames in one session.run")

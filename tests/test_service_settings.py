@@ -50,7 +50,16 @@ def test_a_queue_smaller_than_a_batch_is_refused() -> None:
 
 
 def test_to_env_round_trips_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Settings(repo=Path("/m"), api_keys=["k1", "k2"], workers=3, max_queue_delay_ms=0.5)
+    original = Settings(
+        repo=Path("/m"), api_keys=["k1", "k2"], workers=3, max_queue_delay_ms=0.5, http="h11", loop="asyncio"
+    )
     for name, value in original.to_env().items():
         monkeypatch.setenv(name, value)
     assert Settings() == original
+
+
+def test_an_unknown_http_parser_or_event_loop_is_refused() -> None:
+    with pytest.raises(ValidationError, match="http"):
+        Settings(http="spdy")
+    with pytest.raises(ValidationError, match="loop"):
+        Settings(loop="trio")

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], help="HTTP parser (default auto)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], help="event loop (default auto)")
     parser.add_argument("--model", dest="default_model", help="model served without ?model= (default: first)")
     parser.add_argument("--max-batch-size", type=int, help="most frames per session.run (default 32)")
     parser.add_argument("--max-queue-delay-ms", type=float, help="longest wait to fill a batch (default 2)")
@@ -53,6 +55,8 @@ _SETTING_FLAGS = (
     "host",
     "port",
     "workers",
+    "http",
+    "loop",
     "default_model",
     "max_batch_size",
     "max_queue_delay_ms",
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        http=settings.http,
+        loop=settings.loop,
         log_level=settings.log_level,
     )
     return 0
