@@ -15,10 +15,11 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed  ## the main job end to end on synthetic frames
 	$(BIN)/edgecase demo
 
-test: $(BIN)/.installed  ## lint + the default (fast) test suite
+test: $(BIN)/.installed  ## lint, types (mypy --strict on contract/ and service/) + the fast test suite
 	@scripts/install-test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 test-slow: $(BIN)/.installed  ## the slow end-to-end tests

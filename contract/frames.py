@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 RESIZE_RULE = "center-crop-bilinear"
 """Name of the one resize rule, as written in model manifests."""
@@ -83,7 +83,7 @@ def decode_frame(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.ND
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
+    except UnidentifiedImageError as exc:
         raise FrameDecodeError(f"not a recognised image format ({len(data)} bytes)") from exc
     except _PILLOW_DECODE_ERRORS as exc:
         raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc

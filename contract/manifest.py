@@ -13,13 +13,13 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 # Enough order statistics for exact p-values on every realistic held-out set, small enough (~200 kB
@@ -192,7 +192,7 @@ class Manifest(_Strict):
         n_ge = cal.size - np.searchsorted(cal, s, side="left")
         n = self.calibration.n
         count = n_ge if self.calibration.exact else n_ge * (n / cal.size)
-        return (1.0 + count) / (n + 1.0)
+        return np.asarray((1.0 + count) / (n + 1.0), dtype=np.float64)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -8,6 +8,7 @@ validation and routing errors) into the same JSON body, `ErrorBody`. Anything a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -122,14 +123,15 @@ def status_code_of(exc: ServiceError) -> int:
     """The HTTP status for an exception, from the closest class in STATUS_CODES."""
     for cls in type(exc).__mro__:
         if cls in STATUS_CODES:
-            return STATUS_CODES[cls]  # type: ignore[index]
+            return STATUS_CODES[cls]
     return 500
 
 
-def error_response(status: int, code: str, detail: str, **extra: object) -> JSONResponse:
-    body = ErrorBody(error=code, detail=detail, frame=extra.pop("frame", None))  # type: ignore[arg-type]
-    headers = extra.pop("headers", None)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)  # type: ignore[arg-type]
+def error_response(
+    status: int, code: str, detail: str, frame: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=code, detail=detail, frame=frame)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:

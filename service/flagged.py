@@ -16,6 +16,7 @@ that ``edgecase train --data`` reads: frames reviewed as normal go back into the
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -474,9 +475,9 @@ class FlaggedStore:
         since: datetime | float | None,
         until: datetime | float | None,
         review: str | None,
-    ) -> tuple[list[str], list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
+    ) -> tuple[builtins.list[str], builtins.list[Any]]:  # `list` is also a method of this class
+        clauses: builtins.list[str] = []
+        params: builtins.list[Any] = []
         for clause, value in (
             ("model = ?", model),
             ("version = ?", version),

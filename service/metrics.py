@@ -151,7 +151,7 @@ class Metrics:
         """The text format for /metrics: this process's registry, or every worker's in multiprocess mode."""
         if multiprocess_dir() is not None:
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry)
 
@@ -159,4 +159,4 @@ class Metrics:
 def mark_process_dead(pid: int | None = None) -> None:
     """Drop this worker's live gauges from the merged view when it exits (multiprocess mode only)."""
     if multiprocess_dir() is not None:
-        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())  # type: ignore[no-untyped-call]

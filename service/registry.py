@@ -308,6 +308,7 @@ class ModelRegistry:
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         """Serve `name` at `version`, or the highest version that verifies (broken ones logged, skipped)."""
         with self._lock:
+            loaded: LoadedModel | None
             if version is not None:
                 loaded = self.load_version(name, version)
             else:

@@ -102,7 +102,7 @@ def item_of(record: FlaggedRecord) -> FlaggedItem:
 
 def get_store(request: Request) -> FlaggedStore:
     """The app's flagged store (tests replace this dependency)."""
-    store = getattr(request.app.state, "store", None)
+    store: FlaggedStore | None = getattr(request.app.state, "store", None)
     if store is None:
         raise NotReadyError("the flagged-frame store is not open yet")
     return store
