@@ -394,8 +394,7 @@ def measure_point(
 def start_server(
     repo: Path, name: str, workdir: Path, args: argparse.Namespace
 ) -> tuple[subprocess.Popen, str]:
-    import httpx
-    from service_helpers import free_port, wait_until
+    from service.launch import free_port, wait_serving
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECASE_")}
@@ -431,14 +430,7 @@ def start_server(
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server outlives this function)
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return process.poll() is not None
-
-    if not wait_until(ready, timeout=120) or process.poll() is not None:
+    if not wait_serving(url, process, timeout=120):
         process.kill()
         raise SystemExit(f"server did not start; log:\n{(workdir / 'server.log').read_text()}")
     return process, url

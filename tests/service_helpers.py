@@ -21,11 +21,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +35,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, file_entry, quantiles_of
+from service.launch import free_port, responds, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,23 +205,6 @@ def solid_png(value: int, size: int = 8, *, width: int | None = None, fmt: str =
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> bool:
-    """Poll `predicate` until it is true or `timeout` seconds pass; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 @dataclass
 class RunningServer:
     """A uvicorn subprocess serving the edgecase app on loopback."""
@@ -246,16 +228,10 @@ class RunningServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def is_ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return responds(self.url, "/readyz")
 
     def is_alive(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return responds(self.url, "/healthz")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL if it hangs; returns the exit code."""

@@ -11,7 +11,6 @@ import argparse
 import csv
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,36 +43,12 @@ def _step(n: int, text: str) -> None:
     print(f"\n== [{n}/6] {text}", flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cli(*argv: str) -> None:
     from edgecase.cli import CliError, main
 
     code = main(list(argv))
     if code != 0:
         raise CliError(f"step `edgecase {' '.join(argv)}` failed with exit code {code}")
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    import httpx
-
-    from edgecase.cli import CliError
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise CliError(f"the server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise CliError(f"the server at {base} was not ready after {timeout_s:.0f} s")
 
 
 def _sample_frames(data: Path, per_family: int) -> list[tuple[str, str, Path]]:
@@ -90,6 +65,8 @@ def _sample_frames(data: Path, per_family: int) -> list[tuple[str, str, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     import httpx
+
+    from edgecase.cli import CliError
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
     work: Path = args.workdir.resolve()
@@ -117,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     name = f"demo-{args.head}"
     _cli("export", str(run_dir), "--head", args.head, "--repo", str(repo), "--name", name)
 
-    port = _free_port()
+    from service.launch import free_port, wait_serving
+
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     _step(4, f"serve {repo} on {base}")
     env = dict(os.environ, EDGECASE_FLAGGED_DIR=str(store), EDGECASE_DEFAULT_MODEL=name)
@@ -137,7 +116,13 @@ def run(args: argparse.Namespace) -> int:
         env=env,
     )
     try:
-        _wait_ready(base, server)
+        if not wait_serving(base, server, timeout=120):
+            code = server.poll()
+            raise CliError(
+                f"the server at {base} was not ready after 120 s"
+                if code is None
+                else f"the server exited early with code {code}"
+            )
         print(httpx.get(f"{base}/models", timeout=10).json())
 
         _step(5, "score test frames of every family over HTTP (POST /score)")
