@@ -72,8 +72,8 @@ def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list
     calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
     scores, _ = score_with_maps(graph, frames, desc=name)
     result = ScorerResult(name, "ablation", scores, calibration)
-    result.metrics["protocol_auroc"] = protocol_auroc(graph, val, name)
     result.metrics = evaluate_scores(scores, families, calibration.threshold)
+    result.metrics["protocol_auroc"] = protocol_auroc(graph, val, name)
     return result
 
 

@@ -48,6 +48,7 @@ BANK_SIZE = 128
 GRID_SIDE = 32
 RADIUS = 1
 PROJECTION_DIM = 64
+POOL = 3  # local neighbourhood aggregation (PatchCore); 1 = none
 MAX_BANK_FRAMES = 1500
 BANK_FORMAT_VERSION = 2
 MAX_CELL_FRAMES = 1000
@@ -62,9 +63,14 @@ def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
 class PatchFeatures(nn.Module):
     """Early conv features, standardised, locally pooled and projected: [N, dim, h, w]."""
 
-    def __init__(self, backbone: nn.Module, channels: int, dim: int = PROJECTION_DIM, seed: int = 0) -> None:
+    def __init__(
+        self, backbone: nn.Module, channels: int, dim: int = PROJECTION_DIM, seed: int = 0, pool: int = POOL
+    ) -> None:
         super().__init__()
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pool must be an odd number >= 1, got {pool}")
         self.backbone = backbone
+        self.pool = pool
         self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("inv_std", torch.ones(1, channels, 1, 1))
         # A fixed Gaussian projection (seeded): distances are preserved up to a small factor (JL lemma).
@@ -78,7 +84,9 @@ class PatchFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)
         f = (f - self.mean) * self.inv_std
-        f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+        if self.pool > 1:
+            k = self.pool
+            f = F.avg_pool2d(f, kernel_size=k, stride=1, padding=k // 2, count_include_pad=False)
         return F.conv2d(f, self.projection)
 
     @torch.no_grad()
@@ -289,6 +297,7 @@ def build_patch_graph(
     dim: int = PROJECTION_DIM,
     random_init: bool = False,
     cell_norm: bool = True,
+    pool: int = POOL,
 ) -> PatchDistanceGraph:
     """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
 
@@ -300,7 +309,8 @@ def build_patch_graph(
     initialisation (an ablation: are trained features needed?).
     """
     run_dir = Path(run_dir)
-    head = f"{kind}-patch" + ("-random" if random_init else "") + ("" if cell_norm else "-raw")
+    variant = ("-random" if random_init else "") + ("" if cell_norm else "-raw")
+    head = f"{kind}-patch{variant}" + ("" if pool == POOL else f"-pool{pool}")
     network, config = early_network(run_dir, kind, random_init=random_init)
     depth = depth or default_depth(int(config["size"]))
     backbone, channels = early_layers(network, depth)
@@ -310,11 +320,12 @@ def build_patch_graph(
         "bank_size": bank_size,
         "radius": radius,
         "dim": dim,
+        "pool": pool,
         "random_init": random_init,
         "cell_norm": cell_norm,
         "seed": int(config.get("seed", 0)),
     }
-    features = PatchFeatures(backbone, channels, dim=dim, seed=settings["seed"])
+    features = PatchFeatures(backbone, channels, dim=dim, seed=settings["seed"], pool=pool)
     cache = run_dir / "banks" / f"{head}.pt"
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)
