@@ -99,10 +99,9 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
         f"{kind}-patch": HeadInfo(
             name=f"{kind}-patch",
             kind=kind,
-            units="per-location z-score",
+            units="feature distance",
             definition=f"max over locations of the nearest-neighbour distance of early {network} "
-            "features to normal training features at the same location (position-aware PatchCore), "
-            "each location standardised by its median and MAD on held-out training normals",
+            "features to normal training features at the same location (position-aware PatchCore)",
             has_map=True,
             builder=build_patch,
         ),

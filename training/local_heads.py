@@ -25,7 +25,11 @@ first time the graph is built and cached in ``RUN_DIR/banks/<head>.pt``.
 Grid and bank size were chosen by the validation protocol of training/combo_heads.py (held-out
 normals vs CutPaste / noise-patch corruptions, no edge-case family): on the 64x64 benchmark runs a
 32 x 32 grid with 128 entries scored AUROC 0.735 (VAE) and 0.766 (GAN) there, a 16 x 16 grid with
-256 entries 0.622 and 0.692 (docs/benchmarks.md, "## Accuracy").
+256 entries 0.622 and 0.692 (docs/benchmarks.md, "## Accuracy"). The same protocol chose the
+feature pooling and the per-cell normalisation, on the re-trained 64x64 runs (VAE / GAN):
+no pooling, raw distances 0.786 / 0.771; no pooling, per-cell z-scores 0.725 / 0.719; 3x3 pooling,
+raw 0.733 / 0.725; 3x3 pooling, per-cell 0.734 / 0.736. Both remain settings of
+:func:`build_patch_graph` (the accuracy bench reports them as ablation rows).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ BANK_SIZE = 128
 GRID_SIDE = 32
 RADIUS = 1
 PROJECTION_DIM = 64
-POOL = 3  # local neighbourhood aggregation (PatchCore); 1 = none
+POOL = 1  # local neighbourhood aggregation (PatchCore uses 3); 1 = none, chosen by the protocol
+CELL_NORM = False  # per-location z-scores of the map; chosen by the protocol (module docstring)
 MAX_BANK_FRAMES = 1500
 BANK_FORMAT_VERSION = 2
 MAX_CELL_FRAMES = 1000
@@ -296,7 +301,7 @@ def build_patch_graph(
     radius: int = RADIUS,
     dim: int = PROJECTION_DIM,
     random_init: bool = False,
-    cell_norm: bool = True,
+    cell_norm: bool = CELL_NORM,
     pool: int = POOL,
 ) -> PatchDistanceGraph:
     """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
@@ -309,8 +314,10 @@ def build_patch_graph(
     initialisation (an ablation: are trained features needed?).
     """
     run_dir = Path(run_dir)
-    variant = ("-random" if random_init else "") + ("" if cell_norm else "-raw")
-    head = f"{kind}-patch{variant}" + ("" if pool == POOL else f"-pool{pool}")
+    # Non-default settings get their own cache file, so ablations never evict the default bank.
+    head = f"{kind}-patch" + ("-random" if random_init else "")
+    head += "" if cell_norm == CELL_NORM else f"-cell{int(cell_norm)}"
+    head += "" if pool == POOL else f"-pool{pool}"
     network, config = early_network(run_dir, kind, random_init=random_init)
     depth = depth or default_depth(int(config["size"]))
     backbone, channels = early_layers(network, depth)
