@@ -298,3 +298,15 @@ def test_run_combo_head_builds_records_its_choice_and_exports(gan_run: Path, tmp
     assert record["rule"] in ("max", "mean", "top2") and "gan-patch" in record["components"]
     assert set(record["pseudo_auroc_by_rule"]) == {"max", "mean", "top2"}
     assert_parity(graph, edge_frames("fog", 5, seed=8), tmp_path)
+
+
+def test_combo_statistics_are_recomputed_when_a_component_changes(gan_run: Path) -> None:
+    """Stale z-score statistics would silently mis-scale a rebuilt patch bank."""
+    build_score_graph(gan_run, "gan-combo")
+    cache = gan_run / "banks" / "gan-combo.json"
+    record = json.loads(cache.read_text())
+    record["fingerprint"], record["center"] = "stale", [c + 100.0 for c in record["center"]]
+    cache.write_text(json.dumps(record))
+    rebuilt = build_score_graph(gan_run, "gan-combo")
+    assert json.loads(cache.read_text())["fingerprint"] != "stale"
+    assert rebuilt.center.max() < max(record["center"]) - 50

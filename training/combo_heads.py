@@ -37,7 +37,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 RULES = ("max", "mean", "top2")
-COMBO_FORMAT_VERSION = 1
+COMBO_FORMAT_VERSION = 2
 MAX_COMBO_VAL = 1000
 MIN_SELECT_VAL = 8
 
@@ -97,6 +97,18 @@ def pseudo_auroc(graph: nn.Module, val: npt.NDArray[np.uint8], name: str = "grap
     corrupted = score_frames(graph, pseudo, desc=f"protocol pseudo {name}")
     labels = np.r_[np.zeros(len(normal)), np.ones(len(corrupted))]
     return float(roc_auc_score(labels, np.nan_to_num(np.r_[normal, corrupted], nan=np.inf)))
+
+
+def graphs_fingerprint(graphs: list[nn.Module]) -> str:
+    """sha256 of the components' weights and buffers: cached statistics are stale when any changes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for graph in graphs:
+        for key, tensor in sorted(graph.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def combine(z: np.ndarray | torch.Tensor, rule: str) -> Any:
@@ -195,9 +207,11 @@ def build_combo_graph(
     graphs = [build_score_graph(run_dir, h) for h in names]
     map_from = names.index(f"{kind}-patch") if f"{kind}-patch" in names else None
     cache = run_dir / "banks" / f"{kind}-combo.json"
+    fingerprint = graphs_fingerprint(graphs)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("version") == COMBO_FORMAT_VERSION and saved.get("components") == names:
+        fresh = saved.get("version") == COMBO_FORMAT_VERSION and saved.get("fingerprint") == fingerprint
+        if fresh and saved.get("components") == names:
             return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"], map_from).eval()
     val = run_normals(run_dir, split="val", limit=MAX_COMBO_VAL)
     if len(val) == 0:
@@ -223,6 +237,7 @@ def build_combo_graph(
     record = {
         "version": COMBO_FORMAT_VERSION,
         "components": names,
+        "fingerprint": fingerprint,
         "center": center,
         "scale": scale,
         "rule": rule,
