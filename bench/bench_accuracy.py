@@ -67,6 +67,7 @@ ABLATIONS = {
 def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str], variant: str) -> Any:
     """The patch head built with one ablation setting, calibrated like the others; a ScorerResult."""
     from training.calibrate import calibrate_scores
+    from training.combo_heads import pseudo_auroc
     from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
     from training.local_heads import build_patch_graph, run_normals
 
@@ -77,26 +78,20 @@ def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list
     scores, _ = score_with_maps(graph, frames, desc=name)
     result = ScorerResult(name, "ablation", scores, calibration)
     result.metrics = evaluate_scores(scores, families, calibration.threshold)
-    result.metrics["protocol_auroc"] = protocol_auroc(graph, val, name)
+    result.metrics["protocol_auroc"] = pseudo_auroc(graph, val, name)
     return result
-
-
-def protocol_auroc(graph: Any, val: np.ndarray, name: str) -> float:
-    """The validation protocol's AUROC (held-out normals vs CutPaste / noise patches; no family)."""
-    from training.combo_heads import pseudo_auroc
-
-    return pseudo_auroc(graph, val, name)
 
 
 def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
     """Markdown lines: protocol AUROC of each patch head and its ablations (how settings are chosen)."""
+    from training.combo_heads import pseudo_auroc
     from training.graphs import build_score_graph
     from training.local_heads import run_normals
 
     lines = ["| patch head | protocol AUROC (normals vs CutPaste / noise patches) |", "|---|---:|"]
     for kind, run in run_dirs.items():
         head = f"{kind}-patch"
-        value = protocol_auroc(build_score_graph(run, head), run_normals(run, "val"), head)
+        value = pseudo_auroc(build_score_graph(run, head), run_normals(run, "val"), head)
         lines.append(f"| `{head}` | {value:.3f} |")
         for r in results:
             if r.name.startswith(f"{head} (") and "protocol_auroc" in r.metrics:
