@@ -3,6 +3,7 @@ labels, and the same totals from any worker when `edgecase serve --workers 2` ru
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def value(families: dict[str, tuple[str, list[Sample]]], family: str, sample: st
         for s in families.get(family, ("", []))[1]
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def post_until_warm(url: str, png: bytes, timeout: float = 60.0) -> httpx.Response:
+    """POST a frame, retrying while a worker answers 503: /readyz came from one worker, and the other
+    may still be loading its model, which is what a 503 means and what a client should retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(url, content=png, headers={"Content-Type": "image/png"})
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +121,8 @@ def test_two_workers_report_the_same_merged_totals(tmp_path: Path) -> None:
     with running_server(tmp_path / "models", workers=2, log_dir=tmp_path, timeout=90, env=env) as server:
         for i in range(12):
             # A fresh connection each time, so the kernel spreads requests over both workers.
-            httpx.post(f"{server.url}/score", content=solid_png(i), headers={"Content-Type": "image/png"})
+            response = post_until_warm(f"{server.url}/score", solid_png(i))
+            assert response.status_code == 200, response.text
         totals = []
         for _ in range(8):
             families = parse(httpx.get(f"{server.url}/metrics", timeout=10).text)
