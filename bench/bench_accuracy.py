@@ -5,7 +5,8 @@
     and the three pixel baselines scored on the synth test split -> AUROC per family, mean over
     families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. Ablation rows per
     kind score the patch head with *randomly initialised* early layers (are trained features
-    needed?) and with the settings the validation protocol did not pick (per-cell z-scores, pooling).
+    needed?) and with the settings the validation protocol did not pick (per-cell z-scores, pooling),
+    and the combined head without its DRAEM-style seg component.
 (b) ``digits``: scikit-learn's handwritten digits (8x8 grey, 1,797 images), upsampled to 32x32 RGB by
     the one resize rule (contract.frames.resize_frame). One-class protocol: for each digit, 60% of its
     images train, 15% validate (early stopping, calibration), 25% are the normal test frames; the
@@ -80,6 +81,50 @@ def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list
     result.metrics = evaluate_scores(scores, families, calibration.threshold)
     result.metrics["protocol_auroc"] = pseudo_auroc(graph, val, name)
     return result
+
+
+def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
+    """The combined head without its seg component (does the DRAEM-style head earn its place?)."""
+    from training.calibrate import calibrate_scores
+    from training.combo_heads import DEFAULT_COMPONENTS, build_combo_graph, pseudo_auroc
+    from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
+    from training.local_heads import run_normals
+
+    name = f"{kind}-combo (without seg)"
+    components = tuple(c for c in DEFAULT_COMPONENTS[kind] if c != f"{kind}-seg")
+    graph = build_combo_graph(run_dir, kind, components)
+    val = run_normals(run_dir, "val")
+    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
+    scores, _ = score_with_maps(graph, frames, desc=name)
+    result = ScorerResult(name, "ablation", scores, calibration)
+    result.metrics = evaluate_scores(scores, families, calibration.threshold)
+    for corruptions in ("patches", "heldout"):
+        result.metrics[f"protocol_{corruptions}"] = pseudo_auroc(graph, val, name, corruptions)
+    return result
+
+
+def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
+    """Markdown lines: the seg heads and the combos with and without them on both corruption sets.
+
+    The seg net trains on blob-shaped pastes, close kin of the ``patches`` set; ``heldout`` (light
+    changes, scars, global changes) is what no head trained on, so it decides whether seg joins a combo.
+    """
+    from training.combo_heads import pseudo_auroc
+    from training.graphs import build_score_graph
+    from training.local_heads import run_normals
+
+    lines = ["| head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]
+    for kind, run in run_dirs.items():
+        val = run_normals(run, "val")
+        for head in (f"{kind}-seg", f"{kind}-combo"):
+            graph = build_score_graph(run, head)
+            values = [pseudo_auroc(graph, val, head, c) for c in ("patches", "heldout")]
+            lines.append(f"| `{head}` | {values[0]:.3f} | {values[1]:.3f} |")
+        for r in results:
+            if r.name == f"{kind}-combo (without seg)":
+                m = r.metrics
+                lines.append(f"| `{r.name}` | {m['protocol_patches']:.3f} | {m['protocol_heldout']:.3f} |")
+    return lines
 
 
 def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
@@ -191,6 +236,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         results += kind_results
         if args.ablation:
             results.extend(ablation_scores(run, kind, frames, families, v) for v in ABLATIONS)
+            results.append(combo_without_seg(run, kind, frames, families))
         timings[f"evaluate {kind} (s)"] = time.perf_counter() - start
     counts = {f: families.count(f) for f in sorted(set(families))}
     text = "\n".join(
@@ -212,6 +258,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
             *(
                 ["Validation protocol of the patch-head settings (no edge-case family):", ""]
                 + protocol_table(runs, results)
+                + ["", "Validation protocol of the seg heads and the combos (no edge-case family):", ""]
+                + seg_protocol_table(runs, results)
                 + [""]
                 if args.ablation
                 else []

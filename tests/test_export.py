@@ -296,8 +296,8 @@ def runs(request: pytest.FixtureRequest) -> dict[str, Path]:
 
 # Every head a run of each kind offers (the test below checks this list is complete).
 HEADS = {
-    "vae": ["vae-elbo", "vae-recon", "vae-iwae", "vae-complexity", "vae-patch", "vae-combo"],
-    "gan": ["gan-disc", "gan-feat", "gan-dfeat-knn", "gan-patch", "gan-combo"],
+    "vae": ["vae-elbo", "vae-recon", "vae-iwae", "vae-complexity", "vae-patch", "vae-seg", "vae-combo"],
+    "gan": ["gan-disc", "gan-feat", "gan-dfeat-knn", "gan-patch", "gan-seg", "gan-combo"],
 }
 # The fast suite exports one head of a VAE run; every other head (and the GAN run) is in -m slow.
 FAST_HEADS = {"vae-elbo"}

@@ -16,7 +16,10 @@ normals and also turned into pseudo-anomalies by generic self-supervised corrupt
 al. 2021: a rectangle cut from another normal frame of half A pasted at a random place) and noise
 patches (a rectangle of uniform noise or of one random colour, as in DRAEM's synthetic defects,
 Zavrtanik et al. 2021), sizes from 2 px to a third of the frame so that both small-object-like and
-large corruptions occur. The rule with the highest AUROC of normals-B versus pseudo-anomalies is used.
+large corruptions occur. A second set, :func:`heldout_anomalies`, applies corruptions no head trains
+on: local light changes, thin scars and global changes (contrast, blur, colour cast), so that a head
+trained on pasted defects (``<kind>-seg``) cannot choose the rule by itself and global changes count
+as much as local ones. The rule with the highest AUROC of normals-B versus both sets is used.
 Components whose own AUROC there is below 0.5 are still kept: a corruption the head does not react
 to says little about the real edge cases (fog, rain) it was chosen for. The chosen rule, the
 statistics and the AUROCs are cached in ``RUN_DIR/banks/<kind>-combo.json``.
@@ -37,15 +40,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 RULES = ("max", "mean", "top2")
-COMBO_FORMAT_VERSION = 2
+COMBO_FORMAT_VERSION = 3
 MAX_COMBO_VAL = 1000
 MIN_SELECT_VAL = 8
 
 # Components per kind, in order of preference; those the run cannot build are skipped.
 # vae-iwae is left out on purpose: it is the ELBO's tighter twin at K times the cost.
 DEFAULT_COMPONENTS = {
-    "vae": ("vae-complexity", "vae-elbo", "vae-patch"),
-    "gan": ("gan-dfeat-knn", "gan-feat", "gan-disc", "gan-patch"),
+    "vae": ("vae-complexity", "vae-elbo", "vae-patch", "vae-seg"),
+    "gan": ("gan-dfeat-knn", "gan-feat", "gan-disc", "gan-patch", "gan-seg"),
 }
 
 
@@ -74,6 +77,68 @@ def pseudo_anomalies(
     return out
 
 
+def _box_blur(frame: npt.NDArray[np.float32], radius: int) -> npt.NDArray[np.float32]:
+    """Separable box blur with edge padding (no scipy needed)."""
+    k = 2 * radius + 1
+    padded = np.pad(frame, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    cums = np.cumsum(np.pad(padded, ((1, 0), (0, 0), (0, 0))), axis=0)
+    rows = (cums[k:] - cums[:-k]) / k
+    cums = np.cumsum(np.pad(rows, ((0, 0), (1, 0), (0, 0))), axis=1)
+    return ((cums[:, k:] - cums[:, :-k]) / k).astype(np.float32)
+
+
+def heldout_anomalies(frames: npt.NDArray[np.uint8], seed: int = 2) -> npt.NDArray[np.uint8]:
+    """One corrupted copy of each frame by corruptions *no head trains on* (a third each):
+
+    - local light change: an ellipse (2 px to a third of the frame) darkened to 30-60% or brightened
+      1.5-2.5x, a shadow or a reflection rather than a foreign texture;
+    - scar: a straight line 1-2 px wide, 4 px to half the frame long, at any angle, in one colour
+      (CutPaste's "scar" variant);
+    - global change (ImageNet-C style, Hendrycks & Dietterich 2019): contrast reduced to 40-70%,
+      a box blur, or a colour cast of 25-50 levels on one channel.
+
+    The seg head (training/seg_head.py) trains on blob-shaped texture/noise/colour pastes; these
+    corruptions test whether a head's sensitivity transfers to defects it never saw.
+    """
+    rng = np.random.default_rng(seed)
+    out = frames.copy()
+    n, h, w, _ = frames.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    for i in range(n):
+        frame = frames[i].astype(np.float32)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            a = float(np.exp(rng.uniform(np.log(1.0), np.log(max(1.5, h / 6)))))
+            b = a * float(np.exp(rng.uniform(-0.7, 0.7)))
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            mask = ((yy - cy) / a) ** 2 + ((xx - cx) / max(b, 0.8)) ** 2 <= 1.0
+            if not mask.any():
+                mask[min(h - 1, int(cy)), min(w - 1, int(cx))] = True
+            gain = rng.uniform(0.3, 0.6) if rng.random() < 0.5 else rng.uniform(1.5, 2.5)
+            frame[mask] = frame[mask] * gain
+        elif kind == 1:
+            length = rng.uniform(4, max(5, h / 2))
+            theta = rng.uniform(0, np.pi)
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            t = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+            d = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+            mask = (np.abs(t) <= length / 2) & (np.abs(d) <= rng.uniform(0.5, 1.0))
+            if not mask.any():
+                mask[min(h - 1, int(cy)), min(w - 1, int(cx))] = True
+            frame[mask] = rng.integers(0, 256, 3).astype(np.float32)
+        else:
+            which = int(rng.integers(3))
+            if which == 0:
+                mean = frame.mean(axis=(0, 1), keepdims=True)
+                frame = mean + rng.uniform(0.4, 0.7) * (frame - mean)
+            elif which == 1:
+                frame = _box_blur(frame, int(rng.integers(1, 3)))
+            else:
+                frame[..., int(rng.integers(3))] += rng.choice([-1.0, 1.0]) * rng.uniform(25, 50)
+        out[i] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    return out
+
+
 def validation_halves(
     val: npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
@@ -83,18 +148,31 @@ def validation_halves(
     return half_a, half_b, pseudo_anomalies(half_b, half_a, seed=1)
 
 
-def pseudo_auroc(graph: nn.Module, val: npt.NDArray[np.uint8], name: str = "graph") -> float:
-    """AUROC of one graph on the validation protocol: normals of half B vs their pseudo-anomalies.
+CORRUPTIONS = ("patches", "heldout", "all")
 
+
+def pseudo_auroc(
+    graph: nn.Module, val: npt.NDArray[np.uint8], name: str = "graph", corruptions: str = "patches"
+) -> float:
+    """AUROC of one graph on the validation protocol: normals of half B vs corrupted copies of them.
+
+    ``corruptions``: ``patches`` (CutPaste / noise / colour rectangles, :func:`pseudo_anomalies`),
+    ``heldout`` (light changes, scars, global changes, :func:`heldout_anomalies`) or ``all`` (both).
     How a setting of a head (a grid, a normalisation) is chosen without looking at edge-case families.
     """
     from sklearn.metrics import roc_auc_score
 
     from training.calibrate import score_frames
 
+    if corruptions not in CORRUPTIONS:
+        raise ValueError(f"unknown corruptions {corruptions!r}; valid: {', '.join(CORRUPTIONS)}")
     _, half_b, pseudo = validation_halves(val)
+    sets = {"patches": [pseudo], "heldout": [heldout_anomalies(half_b)]}
+    sets["all"] = sets["patches"] + sets["heldout"]
     normal = score_frames(graph, half_b, desc=f"protocol normals {name}")
-    corrupted = score_frames(graph, pseudo, desc=f"protocol pseudo {name}")
+    corrupted = np.concatenate(
+        [score_frames(graph, frames, desc=f"protocol {corruptions} {name}") for frames in sets[corruptions]]
+    )
     labels = np.r_[np.zeros(len(normal)), np.ones(len(corrupted))]
     return float(roc_auc_score(labels, np.nan_to_num(np.r_[normal, corrupted], nan=np.inf)))
 
@@ -196,7 +274,7 @@ def build_combo_graph(
 ) -> ComboGraph:
     """The ``<kind>-combo`` graph; statistics and rule cached in ``RUN_DIR/banks/<kind>-combo.json``."""
     from training.calibrate import score_frames
-    from training.graphs import available_heads, build_score_graph
+    from training.graphs import HeadUnavailable, available_heads, build_score_graph
     from training.local_heads import run_normals
 
     run_dir = Path(run_dir)
@@ -204,9 +282,19 @@ def build_combo_graph(
     names = [h for h in wanted if h in set(available_heads(run_dir))]
     if not names:
         raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
-    graphs = [build_score_graph(run_dir, h) for h in names]
+    graphs = []
+    for head in list(names):
+        try:
+            graphs.append(build_score_graph(run_dir, head))
+        except HeadUnavailable as exc:  # e.g. a run trained with --seg-steps 0: combine the others
+            log.info("%s-combo without %s: %s", kind, head, exc)
+            names.remove(head)
+    if not names:
+        raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
     map_from = names.index(f"{kind}-patch") if f"{kind}-patch" in names else None
-    cache = run_dir / "banks" / f"{kind}-combo.json"
+    # A non-default component list (an ablation) keeps its own cache beside the default one.
+    suffix = "" if components is None else "-" + "+".join(names)
+    cache = run_dir / "banks" / f"{kind}-combo{suffix}.json"
     fingerprint = graphs_fingerprint(graphs)
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -222,17 +310,24 @@ def build_combo_graph(
         stats = [robust_stats(score_frames(g, val, desc=f"combo stats {n}")) for n, g in pairs]
         center, scale = [c for c, _ in stats], [s for _, s in stats]
         rule, by_rule, per_component = RULES[0], {}, [float("nan")] * len(names)
+        heldout_by_component = per_component
         half_a, half_b = val, val[:0]
     else:
         half_a, half_b, pseudo = validation_halves(val)
-        center, scale, z_b, z_p = [], [], [], []
+        heldout = heldout_anomalies(half_b)
+        center, scale, z_b, z_p, z_h = [], [], [], [], []
         for name, graph in zip(names, graphs, strict=True):
             c, s = robust_stats(score_frames(graph, half_a, desc=f"combo stats {name}"))
             center.append(c)
             scale.append(s)
             z_b.append((score_frames(graph, half_b, desc=f"combo normals {name}") - c) / s)
             z_p.append((score_frames(graph, pseudo, desc=f"combo pseudo {name}") - c) / s)
-        rule, by_rule, per_component = choose_rule(np.stack(z_b, 1), np.stack(z_p, 1))
+            z_h.append((score_frames(graph, heldout, desc=f"combo held-out {name}") - c) / s)
+        # Both corruption sets: a component trained on local pastes (the seg head) must not pick the
+        # rule alone, and global changes (fog-like, but generic) count as much as local ones.
+        normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
+        rule, by_rule, per_component = choose_rule(normals_z, corrupted_z)
+        heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1))[2]
         log.info("%s-combo: rule %s (pseudo-anomaly AUROC by rule %s)", kind, rule, by_rule)
     record = {
         "version": COMBO_FORMAT_VERSION,
@@ -243,6 +338,7 @@ def build_combo_graph(
         "rule": rule,
         "pseudo_auroc_by_rule": by_rule,
         "pseudo_auroc_by_component": dict(zip(names, per_component, strict=True)),
+        "heldout_auroc_by_component": dict(zip(names, heldout_by_component, strict=True)),
         "n_stats": len(half_a),
         "n_select": len(half_b),
     }

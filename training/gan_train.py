@@ -118,6 +118,7 @@ class GANConfig:
     knn_k: int = 5
     max_frames: int | None = None  # cap on training frames per source (quick experiments)
     calibrate: bool = True  # calibrate every head on the val normals at the end
+    seg_steps: int = 800  # training steps of the <kind>-seg head's net (0: no seg head)
 
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""

@@ -6,7 +6,8 @@ lazily so that a module that is missing or broken disables only its own heads:
 
 - ``training.vae_heads.VAE_HEAD_BUILDERS`` (``vae-elbo``, ``vae-recon``, ``vae-iwae``, ...),
 - ``training.gan_heads.GAN_HEAD_BUILDERS`` (``gan-disc``, ``gan-feat``, ...),
-- this package's local and combined heads (``<kind>-patch``, ``<kind>-combo``).
+- this package's local, discriminative and combined heads (``<kind>-patch``, ``<kind>-seg``,
+  ``<kind>-combo``).
 
 ``default_head(kind)`` is the head the accuracy benchmark (bench/bench_accuracy.py, results in
 docs/benchmarks.md "## Accuracy") found best for that kind of run.
@@ -37,6 +38,10 @@ _EXTERNAL_SOURCES: dict[str, tuple[str, str, str]] = {
 
 # Chosen by the accuracy benchmark (docs/benchmarks.md, "## Accuracy").
 _DEFAULT_HEADS = {"vae": "vae-combo", "gan": "gan-combo"}
+
+
+class HeadUnavailable(ValueError):
+    """This run was trained without what the head needs (e.g. ``--seg-steps 0``); not a bug."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,11 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
 
         return build_patch_graph(run_dir, kind)
 
+    def build_seg(run_dir: Path) -> nn.Module:
+        from training.seg_head import build_seg_graph
+
+        return build_seg_graph(run_dir, kind)
+
     def build_combo(run_dir: Path) -> nn.Module:
         from training.combo_heads import build_combo_graph
 
@@ -104,6 +114,16 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
             "features to normal training features at the same location (position-aware PatchCore)",
             has_map=True,
             builder=build_patch,
+        ),
+        f"{kind}-seg": HeadInfo(
+            name=f"{kind}-seg",
+            kind=kind,
+            units="logit",
+            definition="max over the frame of a smoothed per-pixel defect logit from a small U-Net that "
+            f"sees the frame and its {'VAE' if kind == 'vae' else 'G(E(x))'} reconstruction, trained on "
+            "synthetic blob defects pasted into normal frames (DRAEM-style)",
+            has_map=True,
+            builder=build_seg,
         ),
         f"{kind}-combo": HeadInfo(
             name=f"{kind}-combo",
@@ -144,8 +164,16 @@ def run_kind(run_dir: str | Path) -> str:
 
 
 def available_heads(run_dir: str | Path) -> list[str]:
-    """Names of the heads a run supports, in registry order (the run's own heads first)."""
-    return list(_heads_of_kind(run_kind(run_dir)))
+    """Names of the heads a run supports, in registry order (the run's own heads first).
+
+    A run trained with ``--seg-steps 0`` has no ``<kind>-seg`` head (and its combo does without).
+    """
+    kind = run_kind(run_dir)
+    heads = list(_heads_of_kind(kind))
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    if int(config.get("seg_steps", 1)) <= 0:
+        heads.remove(f"{kind}-seg")
+    return heads
 
 
 def head_info(head: str) -> HeadInfo:

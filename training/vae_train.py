@@ -63,6 +63,7 @@ class VAEConfig:
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
     calibrate: bool = True  # calibrate every head on the val normals at the end
+    seg_steps: int = 800  # training steps of the <kind>-seg head's net (0: no seg head)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:

@@ -1,0 +1,141 @@
+"""The DRAEM-style head ``<kind>-seg``: synthetic defects, a net that learns to find them, its cache,
+its export, and the held-out corruptions that judge it (training/seg_head.py, training/combo_heads.py).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
+
+from training.combo_heads import heldout_anomalies, pseudo_auroc  # noqa: E402
+from training.export import export_onnx  # noqa: E402
+from training.graphs import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
+from training.runs import load_config, save_config  # noqa: E402
+from training.seg_head import (  # noqa: E402
+    SegGraph,
+    blob_corruptions,
+    blob_mask,
+    load_reconstructor,
+    resolve_steps,
+    train_seg_net,
+)
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("seg")
+    data = write_labelled_folder(root / "data")
+    return write_tiny_gan_run(root / "run", data)
+
+
+def test_blob_masks_span_two_pixels_to_a_third_of_the_frame() -> None:
+    rng = np.random.default_rng(0)
+    areas = np.array([blob_mask(rng, 48, 48).sum() for _ in range(300)])
+    assert areas.min() >= 1
+    assert np.median(areas) < 60  # log-uniform sizes: most defects are small, like small objects
+    assert areas.max() > 150 and areas.max() < 48 * 48 / 2
+
+
+def test_blob_corruptions_mark_exactly_the_pixels_they_changed() -> None:
+    frames = normal_frames(64, seed=1)
+    out, masks = blob_corruptions(frames, normal_frames(8, seed=2), np.random.default_rng(3))
+    changed = (out != frames).any(-1)
+    np.testing.assert_array_equal(changed, masks.astype(bool))
+    clean = int((masks.sum(axis=(1, 2)) == 0).sum())
+    assert 16 <= clean <= 48  # about half of each batch stays clean, as normal examples
+
+
+def test_heldout_corruptions_change_every_frame_locally_or_globally() -> None:
+    frames = normal_frames(60, seed=4)
+    out = heldout_anomalies(frames)
+    changed = (out != frames).any(-1).mean(axis=(1, 2))
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert (changed > 0).mean() > 0.9
+    assert (changed < 0.2).sum() > 20 and (changed > 0.8).sum() > 10  # local and global kinds both occur
+
+
+def test_the_seg_net_learns_to_find_defects_it_was_trained_on(gan_run: Path) -> None:
+    frames = normal_frames(64, seed=5)
+    reconstructor = load_reconstructor(gan_run, "gan")
+    net, losses = train_seg_net(reconstructor, frames, steps=60, seed=0)
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    graph = SegGraph(reconstructor, net).eval()
+    test = normal_frames(40, seed=6)
+    corrupted, masks = blob_corruptions(test, frames, np.random.default_rng(7))
+    with torch.no_grad():
+        score, amap = graph(torch.from_numpy(corrupted))
+    assert amap.shape == (40, 32, 32)
+    defect = masks.sum(axis=(1, 2)) > 0
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(defect, score.numpy()) > 0.75
+
+
+def test_run_seg_head_trains_once_then_loads_from_its_cache(
+    gan_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = build_score_graph(gan_run, "gan-seg")
+    cache = gan_run / "banks" / "seg.pt"
+    assert cache.is_file()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached seg net was retrained")
+
+    monkeypatch.setattr("training.seg_head.train_seg_net", no_training)
+    second = build_score_graph(gan_run, "gan-seg")
+    frames = torch.from_numpy(normal_frames(4, seed=11))
+    with torch.no_grad():
+        torch.testing.assert_close(first(frames)[0], second(frames)[0])
+
+
+def test_seg_head_exports_and_matches_onnxruntime(gan_run: Path, tmp_path: Path) -> None:
+    graph = build_score_graph(gan_run, "gan-seg")
+    frames = normal_frames(5, seed=12)
+    with torch.no_grad():
+        ref_score, ref_map = graph(torch.from_numpy(frames))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warning
+        export_onnx(graph, tmp_path / "seg.onnx", size=32)
+    session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
+    score, amap = session.run(None, {"frames": frames})
+    np.testing.assert_allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_trained_without_a_seg_head_says_so_and_its_combo_does_without(
+    tmp_path: Path,
+) -> None:
+    data = write_labelled_folder(tmp_path / "data")
+    run = write_tiny_gan_run(tmp_path / "run", data)
+    save_config(run, {**load_config(run), "seg_steps": 0})
+    assert "gan-seg" not in available_heads(run)  # so evaluate and calibrate skip it
+    with pytest.raises(HeadUnavailable, match="--seg-steps 0"):
+        build_score_graph(run, "gan-seg")
+    build_score_graph(run, "gan-combo")
+    record = json.loads((run / "banks" / "gan-combo.json").read_text())
+    assert "gan-seg" not in record["components"] and "gan-patch" in record["components"]
+
+
+def test_training_steps_follow_the_run_config() -> None:
+    assert resolve_steps({}, 4000) == 800
+    assert resolve_steps({"seg_steps": 0}, 4000) == 0
+    assert resolve_steps({"dry_run": True}, 4000) == 2
+    assert resolve_steps({"seg_steps": 800}, 16) == 13  # at most 25 passes over a tiny run's frames
+
+
+def test_the_heldout_protocol_is_a_separate_choice(gan_run: Path) -> None:
+    val = normal_frames(24, seed=13)
+    graph = build_score_graph(gan_run, "gan-seg")
+    for corruptions in ("patches", "heldout", "all"):
+        assert 0.0 <= pseudo_auroc(graph, val, corruptions=corruptions) <= 1.0
+    with pytest.raises(ValueError, match="valid: patches, heldout, all"):
+        pseudo_auroc(graph, val, corruptions="fog")
