@@ -27,8 +27,10 @@ from training.local_heads import (  # noqa: E402
     PatchFeatures,
     build_bank,
     cell_statistics,
+    context_backbone,
     early_layers,
     greedy_coreset,
+    sample_candidates,
 )
 
 
@@ -139,6 +141,57 @@ def test_early_layers_stop_before_the_next_conv() -> None:
     assert channels == 6 and len(layers) == 5
     with pytest.raises(ValueError, match="only 3 conv layers"):
         early_layers(net, 4)
+
+
+def test_bank_candidates_of_a_location_are_its_own_and_its_neighbours_features() -> None:
+    feats = torch.randn(3, 5, 4, 6)  # [N, D, h, w]
+    padded = torch.nn.functional.pad(feats, (1, 1, 1, 1), mode="replicate")
+    keep = torch.arange(3 * 9)
+    got = sample_candidates(padded, torch.arange(24), 6, keep, radius=1)  # [L, K, D]
+    assert got.shape == (24, 27, 5)
+    for loc in (0, 7, 23):  # a corner, an inner location, the opposite corner
+        i, j = divmod(loc, 6)
+        want = [
+            feats[n, :, min(max(i + di, 0), 3), min(max(j + dj, 0), 5)]
+            for n in range(3)
+            for di in (-1, 0, 1)
+            for dj in (-1, 0, 1)
+        ]
+        torch.testing.assert_close(got[loc], torch.stack(want))
+    subset = torch.tensor([4, 13, 26])  # a random draw keeps the same (frame, shift) pairs everywhere
+    torch.testing.assert_close(sample_candidates(padded, torch.arange(24), 6, subset, 1), got[:, subset])
+
+
+def test_context_features_join_the_next_blocks_output_at_the_first_grid() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4, 6, 4, 2, 1),
+        nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.2),
+    ).eval()
+    plain, channels = context_backbone(net, 1, 0)
+    assert channels == 4 and isinstance(plain, nn.Sequential)
+    joined, channels = context_backbone(net, 1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = joined(x)
+        assert out.shape == (2, 10, 16, 16) and channels == 10
+        torch.testing.assert_close(out[:, :4], plain(x))
+        deeper = nn.functional.interpolate(net(x), size=(16, 16), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[:, 4:], deeper)
+
+
+def test_patch_head_with_context_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 4, 2, 1), nn.LeakyReLU(0.2)
+    )
+    backbone, channels = context_backbone(net, 1, 1)
+    features = PatchFeatures(backbone, channels=channels, dim=8)
+    bank, grid = build_bank(features, normal_frames(24, seed=3), bank_size=16, radius=1, max_candidates=100)
+    assert bank.shape == (16 * 16, 16, 8)
+    assert_parity(PatchDistanceGraph(features, bank, grid).eval(), edge_frames("blob", 5, seed=7), tmp_path)
 
 
 def test_patch_head_finds_a_small_object_and_maps_where_it_is() -> None:

@@ -17,10 +17,11 @@ keeps the bank small) -> per location, the min squared distance to its bank [L, 
 anomaly map (upsampled bilinearly to H x W) and score = max over locations. The max is the
 reduction rule because one small object occupies one or two locations.
 
-The bank holds at most ``bank_size`` (default 128) entries per location, chosen from the candidates
-(features of training normals at the location and its neighbours) by greedy k-centre coreset
-selection (PatchCore), so rare normal patterns stay covered. It is built from training normals the
-first time the graph is built and cached in ``RUN_DIR/banks/<head>.pt``.
+The bank holds at most ``bank_size`` (default 256) entries per location, chosen from the candidates
+(features of up to 4,000 training normals at the location and its neighbours, 8,192 of them drawn
+at random) by greedy k-centre coreset selection (PatchCore), so rare normal patterns stay covered.
+It is built from training normals the first time the graph is built and cached in
+``RUN_DIR/banks/<head>.pt``.
 
 Grid and bank size were chosen by the validation protocol of training/combo_heads.py (held-out
 normals vs CutPaste / noise-patch corruptions, no edge-case family): on the 64x64 benchmark runs a
@@ -29,7 +30,10 @@ normals vs CutPaste / noise-patch corruptions, no edge-case family): on the 64x6
 feature pooling and the per-cell normalisation, on the re-trained 64x64 runs (VAE / GAN):
 no pooling, raw distances 0.786 / 0.771; no pooling, per-cell z-scores 0.725 / 0.719; 3x3 pooling,
 raw 0.733 / 0.725; 3x3 pooling, per-cell 0.734 / 0.736. Both remain settings of
-:func:`build_patch_graph` (the accuracy bench reports them as ablation rows).
+:func:`build_patch_graph` (the accuracy bench reports them as ablation rows). On the third
+session's re-trained runs the protocol chose the larger bank (4,000 frames, 8,192 candidates, 256
+entries: 0.821 / 0.822 against 0.779 / 0.771 for 1,500 frames, 2,048 candidates, 128 entries) and
+rejected the next conv block's features as context (:class:`ContextBackbone`, VAE 0.739 vs 0.779).
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-BANK_SIZE = 128
+BANK_SIZE = 256
 GRID_SIDE = 32
 RADIUS = 1
 PROJECTION_DIM = 64
 POOL = 1  # local neighbourhood aggregation (PatchCore uses 3); 1 = none, chosen by the protocol
 CELL_NORM = False  # per-location z-scores of the map; chosen by the protocol (module docstring)
-MAX_BANK_FRAMES = 1500
+MAX_BANK_FRAMES = 4000
+MAX_CANDIDATES = 8192  # per location, drawn at random before the coreset (bounds its time and memory)
+CONTEXT = 0  # deeper conv blocks whose features join each location's (upsampled), PatchCore's mid-level
 BANK_FORMAT_VERSION = 2
 MAX_CELL_FRAMES = 1000
 CELL_SCALE_FLOOR = 0.25  # of the median cell scale: a constant sky cell must not turn noise into z = 50
@@ -63,6 +69,30 @@ CELL_SCALE_FLOOR = 0.25  # of the median cell scale: a constant sky cell must no
 def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1] (the scaling every score graph does inside)."""
     return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class ContextBackbone(nn.Module):
+    """Early conv blocks whose deeper outputs are upsampled to the first grid and concatenated.
+
+    PatchCore (Roth et al. 2022) describes a patch by *mid-level* features: a location's own block
+    sees a few pixels, the next block a neighbourhood about twice as wide, which tells the legs and
+    neck of a 5-pixel animal from the box of a distant car. ``blocks[0]`` is the grid's backbone,
+    each further block consumes the previous one's output: [N, C0 + C1 + ..., h, w].
+    """
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("a context backbone needs at least one block")
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.blocks[0](x)
+        feats = [f]
+        for block in self.blocks[1:]:
+            f = block(f)
+            feats.append(F.interpolate(f, size=feats[0].shape[2:], mode="bilinear", align_corners=False))
+        return torch.cat(feats, dim=1)
 
 
 class PatchFeatures(nn.Module):
@@ -184,21 +214,20 @@ def greedy_coreset(candidates: torch.Tensor, size: int, seed: int = 0) -> torch.
     return torch.stack(chosen, dim=1)
 
 
-def neighbourhood_candidates(features: torch.Tensor, radius: int) -> torch.Tensor:
-    """[N, D, h, w] normal features -> [L, N * (2r+1)^2, D]: each location with its neighbours' features.
+def sample_candidates(
+    padded: torch.Tensor, locations: torch.Tensor, grid_w: int, keep: torch.Tensor, radius: int
+) -> torch.Tensor:
+    """[S, K, D] bank candidates of ``locations`` from replicate-padded features [N, D, h+2r, w+2r].
 
-    Edge locations reuse the nearest valid neighbour (replicate padding), so every location has the
-    same number of candidates.
+    ``keep`` indexes (frame, shift) pairs as ``frame * (2r+1)^2 + shift``, shifts row-major from
+    (-r, -r): a location is compared with normal features seen at itself and its neighbours, and
+    edge locations reuse the nearest valid neighbour.
     """
-    n, d, h, w = features.shape
-    padded = F.pad(features, (radius, radius, radius, radius), mode="replicate")
-    shifted = [
-        padded[:, :, radius + di : radius + di + h, radius + dj : radius + dj + w]
-        for di in range(-radius, radius + 1)
-        for dj in range(-radius, radius + 1)
-    ]
-    stack = torch.stack(shifted, dim=1)  # [N, S, D, h, w]
-    return stack.permute(3, 4, 0, 1, 2).reshape(h * w, n * len(shifted), d)
+    side = 2 * radius + 1
+    frame, shift = keep // (side * side), keep % (side * side)
+    rows = (locations // grid_w)[:, None] + (shift // side)[None, :]  # [S, K] in padded coordinates
+    cols = (locations % grid_w)[:, None] + (shift % side)[None, :]
+    return padded[frame[None, :], :, rows, cols]  # advanced indices first: [S, K, D]
 
 
 @torch.no_grad()
@@ -209,9 +238,14 @@ def build_bank(
     radius: int = RADIUS,
     seed: int = 0,
     batch_size: int = 64,
-    max_candidates: int = 2048,
+    max_candidates: int = MAX_CANDIDATES,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Fit the standardisation and build the position-aware bank [L, M, dim] from normal frames."""
+    """Fit the standardisation and build the position-aware bank [L, M, dim] from normal frames.
+
+    Each location draws the same ``max_candidates`` (frame, neighbour) pairs at random from all of
+    them; candidates are gathered one chunk of locations at a time, so memory grows with the
+    frames' features, not with frames x neighbours x locations.
+    """
     if len(frames) == 0:
         raise ValueError("building a patch bank needs at least one normal frame")
     x = torch.from_numpy(np.ascontiguousarray(frames))
@@ -222,19 +256,21 @@ def build_bank(
         for i in tqdm(range(0, len(x), batch_size), desc="patch features", unit="batch", leave=False)
     ]
     feats = torch.cat(chunks)  # [N, dim, h, w]
-    grid = (int(feats.shape[2]), int(feats.shape[3]))
-    candidates = neighbourhood_candidates(feats, radius)  # [L, K, dim]
+    n, _, h, w = feats.shape
+    padded = F.pad(feats, (radius, radius, radius, radius), mode="replicate")
+    del feats, chunks
+    total = n * (2 * radius + 1) ** 2
     generator = torch.Generator().manual_seed(seed)
-    if candidates.shape[1] > max_candidates:  # bound coreset time: a random subset first
-        keep = torch.randperm(candidates.shape[1], generator=generator)[:max_candidates]
-        candidates = candidates[:, keep]
+    keep = torch.arange(total)
+    if total > max_candidates:  # bound coreset time: a random subset first
+        keep = torch.randperm(total, generator=generator)[:max_candidates]
     banks = []
     step = 64  # locations per coreset chunk bounds memory
-    for start in tqdm(range(0, candidates.shape[0], step), desc="patch coreset", unit="chunk", leave=False):
-        block = candidates[start : start + step]
+    for start in tqdm(range(0, h * w, step), desc="patch coreset", unit="chunk", leave=False):
+        block = sample_candidates(padded, torch.arange(start, min(start + step, h * w)), w, keep, radius)
         idx = greedy_coreset(block, bank_size, seed=seed + start)
         banks.append(torch.gather(block, 1, idx[:, :, None].expand(-1, -1, block.shape[2])))
-    return torch.cat(banks).contiguous(), grid
+    return torch.cat(banks).contiguous(), (int(h), int(w))
 
 
 @torch.no_grad()
@@ -283,6 +319,23 @@ def early_layers(network: nn.Module, depth: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), channels
 
 
+def context_backbone(network: nn.Module, depth: int, context: int) -> tuple[nn.Module, int]:
+    """The first ``depth`` conv blocks, with ``context`` deeper blocks' features joined (upsampled).
+
+    With ``context`` 0 this is :func:`early_layers` itself (the cached banks' state-dict keys).
+    """
+    backbone, channels = early_layers(network, depth)
+    if context == 0:
+        return backbone, channels
+    blocks: list[nn.Module] = [backbone]
+    total, seen = channels, len(backbone)
+    for extra in range(1, context + 1):
+        deeper, width = early_layers(network, depth + extra)
+        blocks.append(nn.Sequential(*list(deeper)[seen:]))
+        total, seen = total + width, len(deeper)
+    return ContextBackbone(blocks), total
+
+
 def default_depth(size: int) -> int:
     """Conv blocks (each halves the resolution) that bring ``size`` to a GRID_SIDE x GRID_SIDE grid.
 
@@ -303,6 +356,9 @@ def build_patch_graph(
     random_init: bool = False,
     cell_norm: bool = CELL_NORM,
     pool: int = POOL,
+    context: int = CONTEXT,
+    bank_frames: int = MAX_BANK_FRAMES,
+    max_candidates: int = MAX_CANDIDATES,
 ) -> PatchDistanceGraph:
     """The ``<kind>-patch`` graph of a run; the bank is built once and cached in RUN_DIR/banks/.
 
@@ -311,16 +367,24 @@ def build_patch_graph(
     statistics come from up to ``MAX_CELL_FRAMES`` *other* training normals.
 
     ``random_init`` swaps the trained early layers for the same layers at their random
-    initialisation (an ablation: are trained features needed?).
+    initialisation (an ablation: are trained features needed?). ``context`` adds that many deeper
+    conv blocks' features to each location's (:class:`ContextBackbone`).
     """
     run_dir = Path(run_dir)
     # Non-default settings get their own cache file, so ablations never evict the default bank.
     head = f"{kind}-patch" + ("-random" if random_init else "")
     head += "" if cell_norm == CELL_NORM else f"-cell{int(cell_norm)}"
     head += "" if pool == POOL else f"-pool{pool}"
+    head += "" if context == CONTEXT else f"-ctx{context}"
+    head += (
+        ""
+        if (bank_frames, max_candidates) == (MAX_BANK_FRAMES, MAX_CANDIDATES)
+        else (f"-f{bank_frames}-c{max_candidates}")
+    )
+    head += "" if bank_size == BANK_SIZE else f"-m{bank_size}"
     network, config = early_network(run_dir, kind, random_init=random_init)
     depth = depth or default_depth(int(config["size"]))
-    backbone, channels = early_layers(network, depth)
+    backbone, channels = context_backbone(network, depth, context)
     settings: dict[str, Any] = {
         "version": BANK_FORMAT_VERSION,
         "depth": depth,
@@ -330,6 +394,9 @@ def build_patch_graph(
         "pool": pool,
         "random_init": random_init,
         "cell_norm": cell_norm,
+        "context": context,
+        "bank_frames": bank_frames,
+        "max_candidates": max_candidates,
         "seed": int(config.get("seed", 0)),
     }
     features = PatchFeatures(backbone, channels, dim=dim, seed=settings["seed"], pool=pool)
@@ -341,8 +408,15 @@ def build_patch_graph(
             cells = (saved["cell_center"], saved["cell_scale"]) if cell_norm else (None, None)
             return PatchDistanceGraph(features, saved["bank"], tuple(saved["grid"]), *cells).eval()
         log.info("%s: settings changed, rebuilding the bank", cache)
-    bank_frames, held_out = split_train_normals(run_dir, MAX_BANK_FRAMES, MAX_CELL_FRAMES if cell_norm else 0)
-    bank, grid = build_bank(features, bank_frames, bank_size=bank_size, radius=radius, seed=settings["seed"])
+    normals, held_out = split_train_normals(run_dir, bank_frames, MAX_CELL_FRAMES if cell_norm else 0)
+    bank, grid = build_bank(
+        features,
+        normals,
+        bank_size=bank_size,
+        radius=radius,
+        seed=settings["seed"],
+        max_candidates=max_candidates,
+    )
     graph = PatchDistanceGraph(features, bank, grid).eval()
     record: dict[str, Any] = {
         "settings": settings,
@@ -353,7 +427,7 @@ def build_patch_graph(
     if cell_norm:
         if len(held_out) < 2:
             raise ValueError(
-                f"{head}: per-cell statistics need training normals beyond the {len(bank_frames)} in the "
+                f"{head}: per-cell statistics need training normals beyond the {len(normals)} in the "
                 "bank; give more training frames or build with cell_norm=False"
             )
         record["cell_center"], record["cell_scale"] = cell_statistics(graph, held_out)
