@@ -1,8 +1,9 @@
 """Accuracy benchmark: every score head and pixel baseline, per edge-case family (issue 3, item 7).
 
 (a) ``synthetic``: ``edgecase synth`` (fixed seed, N training normals) -> ``edgecase train vae`` and
-    ``edgecase train gan`` with default settings (or ``--minutes`` each) -> every head of both runs
-    and the three pixel baselines scored on the synth test split -> AUROC per family, mean over
+    ``edgecase train gan`` with default settings (or ``--minutes`` each) -> ``edgecase ensemble`` of
+    the two -> every head of both runs, the ensemble's head and the three pixel baselines scored on
+    the synth test split -> AUROC per family, mean over
     families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. Ablation rows per
     kind score the patch head with *randomly initialised* early layers (are trained features
     needed?) and with the settings the validation protocol did not pick (per-cell z-scores, pooling),
@@ -62,6 +63,8 @@ ABLATIONS = {
     "random init": {"random_init": True},
     "per-cell z-scores": {"cell_norm": True},
     "3x3 pooling, per-cell z-scores": {"pool": 3, "cell_norm": True},
+    "small bank": {"bank_frames": 1500, "max_candidates": 2048, "bank_size": 128},
+    "context features": {"context": 1},
 }
 
 
@@ -238,6 +241,12 @@ def run_synthetic(args: argparse.Namespace) -> int:
             results.extend(ablation_scores(run, kind, frames, families, v) for v in ABLATIONS)
             results.append(combo_without_seg(run, kind, frames, families))
         timings[f"evaluate {kind} (s)"] = time.perf_counter() - start
+    if set(runs) == {"vae", "gan"}:
+        start = time.perf_counter()
+        ensemble = out / "ensemble"
+        edgecase("ensemble", str(runs["vae"]), str(runs["gan"]), "--out", str(ensemble))
+        results += evaluate_run(ensemble, data, max_per_family=args.max_per_family, baselines=False)[0]
+        timings["ensemble (s)"] = time.perf_counter() - start
     counts = {f: families.count(f) for f in sorted(set(families))}
     text = "\n".join(
         [

@@ -14,7 +14,18 @@ import sys
 from edgecase import __version__
 
 # Order here is the order in `edgecase --help`.
-COMMANDS = ["demo", "synth", "train", "evaluate", "export", "calibrate", "serve", "score", "flagged"]
+COMMANDS = [
+    "demo",
+    "synth",
+    "train",
+    "ensemble",
+    "evaluate",
+    "export",
+    "calibrate",
+    "serve",
+    "score",
+    "flagged",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,3 +92,19 @@ def write_tiny_gan_run(run_dir: Path, data: Path, size: int = 32) -> Path:
     train = normal_frames(32, size, seed=10)
     save_dfeat_bank(run_dir, compute_dfeat_bank(model.discriminator, train))
     return run_dir
+
+
+def write_tiny_vae_run(run_dir: Path, data: Path, size: int = 32) -> Path:
+    """An untrained but complete VAE run (config.json, model.pt) over ``data``."""
+    import torch
+
+    from training.runs import save_config, save_model
+    from training.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(size=size, width=4, latent_dim=8).eval()
+    config = {"kind": "vae", "size": size, "seed": 0, "data": [str(data)], **vae.config()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(run_dir, config)
+    save_model(run_dir, "vae", config, vae.state_dict(), arch=vae.config())
+    return run_dir

@@ -269,32 +269,55 @@ def choose_rule(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, dict[s
     return best, by_rule, per_component
 
 
+def component_graphs(sources: list[tuple[Path, str]]) -> tuple[list[str], list[nn.Module]]:
+    """Build each ``(run_dir, head)`` the run offers; a head the run cannot build is skipped (logged)."""
+    from training.graphs import HeadUnavailable, available_heads, build_score_graph
+
+    names, graphs = [], []
+    for run_dir, head in sources:
+        if head not in set(available_heads(run_dir)):
+            continue
+        try:
+            graphs.append(build_score_graph(run_dir, head))
+        except HeadUnavailable as exc:  # e.g. a run trained with --seg-steps 0: combine the others
+            log.info("combo without %s: %s", head, exc)
+            continue
+        names.append(head)
+    return names, graphs
+
+
 def build_combo_graph(
     run_dir: str | Path, kind: str, components: tuple[str, ...] | None = None
 ) -> ComboGraph:
     """The ``<kind>-combo`` graph; statistics and rule cached in ``RUN_DIR/banks/<kind>-combo.json``."""
-    from training.calibrate import score_frames
-    from training.graphs import HeadUnavailable, available_heads, build_score_graph
-    from training.local_heads import run_normals
-
     run_dir = Path(run_dir)
     wanted = components or DEFAULT_COMPONENTS.get(kind, ())
-    names = [h for h in wanted if h in set(available_heads(run_dir))]
-    if not names:
-        raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
-    graphs = []
-    for head in list(names):
-        try:
-            graphs.append(build_score_graph(run_dir, head))
-        except HeadUnavailable as exc:  # e.g. a run trained with --seg-steps 0: combine the others
-            log.info("%s-combo without %s: %s", kind, head, exc)
-            names.remove(head)
+    names, graphs = component_graphs([(run_dir, head) for head in wanted])
     if not names:
         raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
     map_from = names.index(f"{kind}-patch") if f"{kind}-patch" in names else None
     # A non-default component list (an ablation) keeps its own cache beside the default one.
     suffix = "" if components is None else "-" + "+".join(names)
     cache = run_dir / "banks" / f"{kind}-combo{suffix}.json"
+    return fit_combo(names, graphs, run_dir, cache, map_from, label=f"{kind}-combo")
+
+
+def fit_combo(
+    names: list[str],
+    graphs: list[nn.Module],
+    run_dir: Path,
+    cache: Path,
+    map_from: int | None,
+    label: str,
+) -> ComboGraph:
+    """Standardise ``graphs`` on the validation normals of ``run_dir`` and choose the rule (cached).
+
+    The statistics are recomputed whenever a component's weights or banks change (the cache holds a
+    fingerprint of them) or the component list does.
+    """
+    from training.calibrate import score_frames
+    from training.local_heads import run_normals
+
     fingerprint = graphs_fingerprint(graphs)
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -303,9 +326,9 @@ def build_combo_graph(
             return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"], map_from).eval()
     val = run_normals(run_dir, split="val", limit=MAX_COMBO_VAL)
     if len(val) == 0:
-        raise ValueError(f"{kind}-combo needs validation normals, the run has none")
+        raise ValueError(f"{label} needs validation normals, the run has none")
     if len(val) < MIN_SELECT_VAL:  # dry runs: statistics on all of them, the default rule, no selection
-        log.warning("%s-combo: only %d validation normals, rule %s not validated", kind, len(val), RULES[0])
+        log.warning("%s: only %d validation normals, rule %s not validated", label, len(val), RULES[0])
         pairs = zip(names, graphs, strict=True)
         stats = [robust_stats(score_frames(g, val, desc=f"combo stats {n}")) for n, g in pairs]
         center, scale = [c for c, _ in stats], [s for _, s in stats]
@@ -328,7 +351,7 @@ def build_combo_graph(
         normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
         rule, by_rule, per_component = choose_rule(normals_z, corrupted_z)
         heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1))[2]
-        log.info("%s-combo: rule %s (pseudo-anomaly AUROC by rule %s)", kind, rule, by_rule)
+        log.info("%s: rule %s (pseudo-anomaly AUROC by rule %s)", label, rule, by_rule)
     record = {
         "version": COMBO_FORMAT_VERSION,
         "components": names,
@@ -343,5 +366,7 @@ def build_combo_graph(
         "n_select": len(half_b),
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(record, indent=1))
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(cache)
     return ComboGraph(graphs, center, scale, rule, map_from).eval()

@@ -7,7 +7,9 @@ lazily so that a module that is missing or broken disables only its own heads:
 - ``training.vae_heads.VAE_HEAD_BUILDERS`` (``vae-elbo``, ``vae-recon``, ``vae-iwae``, ...),
 - ``training.gan_heads.GAN_HEAD_BUILDERS`` (``gan-disc``, ``gan-feat``, ...),
 - this package's local, discriminative and combined heads (``<kind>-patch``, ``<kind>-seg``,
-  ``<kind>-combo``).
+  ``<kind>-combo``),
+- ``ensemble-combo``, the one head of an ensemble run over a VAE run and a GAN run
+  (training/ensemble.py).
 
 ``default_head(kind)`` is the head the accuracy benchmark (bench/bench_accuracy.py, results in
 docs/benchmarks.md "## Accuracy") found best for that kind of run.
@@ -36,8 +38,11 @@ _EXTERNAL_SOURCES: dict[str, tuple[str, str, str]] = {
     "gan": ("training.gan_heads", "GAN_HEAD_BUILDERS", "GAN_HEAD_INFO"),
 }
 
+ENSEMBLE = "ensemble"
+_KINDS = (*_EXTERNAL_SOURCES, ENSEMBLE)
+
 # Chosen by the accuracy benchmark (docs/benchmarks.md, "## Accuracy").
-_DEFAULT_HEADS = {"vae": "vae-combo", "gan": "gan-combo"}
+_DEFAULT_HEADS = {"vae": "vae-combo", "gan": "gan-combo", ENSEMBLE: "ensemble-combo"}
 
 
 class HeadUnavailable(ValueError):
@@ -137,9 +142,31 @@ def _own_heads(kind: str) -> dict[str, HeadInfo]:
     }
 
 
+def _ensemble_heads() -> dict[str, HeadInfo]:
+    def build(run_dir: Path) -> nn.Module:
+        from training.ensemble import build_ensemble_graph
+
+        return build_ensemble_graph(run_dir)
+
+    return {
+        "ensemble-combo": HeadInfo(
+            name="ensemble-combo",
+            kind=ENSEMBLE,
+            units="combined z-score",
+            definition="combination of the standardised component scores of a VAE run's and a GAN run's "
+            "combo heads (statistics on their shared validation normals, rule chosen on self-supervised "
+            "pseudo-anomalies); map of the first patch head",
+            has_map=True,
+            builder=build,
+        )
+    }
+
+
 def _heads_of_kind(kind: str) -> dict[str, HeadInfo]:
+    if kind == ENSEMBLE:
+        return _ensemble_heads()
     if kind not in _EXTERNAL_SOURCES:
-        raise ValueError(f"unknown run kind {kind!r}; valid: {', '.join(sorted(_EXTERNAL_SOURCES))}")
+        raise ValueError(f"unknown run kind {kind!r}; valid: {', '.join(sorted(_KINDS))}")
     heads = _external_heads(kind)
     heads.update(_own_heads(kind))
     return heads
@@ -147,19 +174,19 @@ def _heads_of_kind(kind: str) -> dict[str, HeadInfo]:
 
 def _all_heads() -> dict[str, HeadInfo]:
     heads: dict[str, HeadInfo] = {}
-    for kind in _EXTERNAL_SOURCES:
+    for kind in _KINDS:
         heads.update(_heads_of_kind(kind))
     return heads
 
 
 def run_kind(run_dir: str | Path) -> str:
-    """The ``kind`` field of ``RUN_DIR/config.json`` (``vae`` or ``gan``)."""
+    """The ``kind`` field of ``RUN_DIR/config.json`` (``vae``, ``gan`` or ``ensemble``)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"not a run directory (no config.json): {run_dir}")
     kind = json.loads(path.read_text()).get("kind")
-    if kind not in _EXTERNAL_SOURCES:
-        raise ValueError(f"{path}: unknown run kind {kind!r}; valid: {', '.join(sorted(_EXTERNAL_SOURCES))}")
+    if kind not in _KINDS:
+        raise ValueError(f"{path}: unknown run kind {kind!r}; valid: {', '.join(sorted(_KINDS))}")
     return str(kind)
 
 
@@ -171,7 +198,7 @@ def available_heads(run_dir: str | Path) -> list[str]:
     kind = run_kind(run_dir)
     heads = list(_heads_of_kind(kind))
     config = json.loads((Path(run_dir) / "config.json").read_text())
-    if int(config.get("seg_steps", 1)) <= 0:
+    if kind != ENSEMBLE and int(config.get("seg_steps", 1)) <= 0:
         heads.remove(f"{kind}-seg")
     return heads
 
