@@ -25,6 +25,7 @@ from training.seg_head import (  # noqa: E402
     blob_corruptions,
     blob_mask,
     load_reconstructor,
+    random_windows,
     resolve_steps,
     train_seg_net,
 )
@@ -125,8 +126,19 @@ def test_a_run_trained_without_a_seg_head_says_so_and_its_combo_does_without(
     assert "gan-seg" not in record["components"] and "gan-patch" in record["components"]
 
 
+def test_large_frames_train_on_aligned_random_windows() -> None:
+    inputs = torch.arange(2 * 6 * 128 * 128, dtype=torch.float32).reshape(2, 6, 128, 128)
+    target = inputs[:, :1].clone()  # the mask must be cut from the same place as the frame
+    windows, masks = random_windows(inputs, target, np.random.default_rng(0), 64)
+    assert windows.shape == (2, 6, 64, 64) and masks.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(masks, windows[:, :1])
+    small = inputs[:, :, :64, :64]
+    same, _ = random_windows(small, target[:, :, :64, :64], np.random.default_rng(0), 64)
+    assert same is small  # 64 px frames train whole
+
+
 def test_training_steps_follow_the_run_config() -> None:
-    assert resolve_steps({}, 4000) == 800
+    assert resolve_steps({}, 4000) == 2400
     assert resolve_steps({"seg_steps": 0}, 4000) == 0
     assert resolve_steps({"dry_run": True}, 4000) == 2
     assert resolve_steps({"seg_steps": 800}, 16) == 13  # at most 25 passes over a tiny run's frames

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if (run_dir / "model.pt").exists():
         print(f"reusing {run_dir} (delete it to retrain)")
     else:
-        # The seg head's net costs about 5 more minutes; train it only when the served head uses it.
+        # The seg head's net costs about 20 more minutes; train it only when the served head uses it.
         seg = [] if args.head in ("vae-seg", "vae-combo") else ["--seg-steps", "0"]
         _cli("train", "vae", "--data", str(data), "--out", str(run_dir), "--size", str(args.size),
              "--max-minutes", str(args.minutes), "--seed", str(args.seed), *seg)  # fmt: skip

@@ -72,8 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seg-steps",
         type=int,
-        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 800, "
-        "about 5 minutes at 64x64 on 2 cores; 0: no seg head)",
+        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 2400, "
+        "about 20 minutes on 2 CPU cores at any size (64 px training windows); 0: no seg head)",
     )
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from its checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="one tiny batch through every step (seconds)")
