@@ -151,3 +151,11 @@ def test_the_heldout_protocol_is_a_separate_choice(gan_run: Path) -> None:
         assert 0.0 <= pseudo_auroc(graph, val, corruptions=corruptions) <= 1.0
     with pytest.raises(ValueError, match="valid: patches, heldout, all"):
         pseudo_auroc(graph, val, corruptions="fog")
+
+
+def test_both_trainers_default_to_the_seg_heads_own_step_count() -> None:
+    from training.gan_train import GANConfig
+    from training.seg_head import STEPS
+    from training.vae_train import VAEConfig
+
+    assert VAEConfig().seg_steps == GANConfig().seg_steps == STEPS

@@ -65,6 +65,7 @@ from training.dcgan import DCGAN, Discriminator, Generator, recalibrate_batchnor
 from training.gan_heads import build_dcgan, compute_dfeat_bank, save_dfeat_bank
 from training.gan_metrics import PixelFrechet, mean_pairwise_distance, to_uint8
 from training.plots import plot_losses, save_image_grid
+from training.seg_head import STEPS as SEG_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class GANConfig:
     knn_k: int = 5
     max_frames: int | None = None  # cap on training frames per source (quick experiments)
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = 800  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
 
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""

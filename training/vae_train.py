@@ -36,6 +36,7 @@ from training.data import (
     load_training_frames,
 )
 from training.plots import plot_losses, plot_tsne, save_image_grid
+from training.seg_head import STEPS as SEG_STEPS
 from training.vae import VAE, nats_to_bits_per_dim, to_uint8_frames, to_unit_range
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class VAEConfig:
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = 800  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
