@@ -27,9 +27,9 @@ from service.auth import require_api_key
 from service.decoding import ScoreJSONRequest
 from service.errors import error_responses, install_error_handlers
 from service.metrics import Metrics, mark_process_dead
+from service.pool import ModelPool
 from service.registry import ModelRegistry
 from service.routes import ops, score
-from service.scorer import ModelPool
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from service.errors import NotReadyError
 from service.metrics import Metrics
-from service.scorer import ModelPool
+from service.pool import ModelPool
 from service.settings import Settings
 
 

@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 from service.auth import require_api_key
 from service.errors import NotReadyError, error_responses
 from service.metrics import CONTENT_TYPE, Metrics
+from service.pool import ModelDescription, ModelPool
 from service.routes import get_metrics, get_pool
-from service.scorer import ModelDescription, ModelPool
 
 router = APIRouter(tags=["operations"])
 

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from service.auth import require_api_key
 from service.decoding import FILES_FIELD, JSON, MULTIPART, RAW_IMAGE_TYPES, media_type, parse_payloads
 from service.errors import error_responses
+from service.pool import ModelPool
 from service.routes import get_app_settings, get_pool, get_store
-from service.scorer import ModelPool, ScoreOptions, ScoreResponse, score_payloads
+from service.scorer import ScoreOptions, ScoreResponse, score_payloads
 from service.settings import Settings
 
 router = APIRouter(tags=["scoring"])
