@@ -21,17 +21,13 @@ from training_helpers import write_tiny_synth
 from contract.manifest import ModelInfo, TrainingInfo, load_manifest
 from service.registry import ModelRegistry
 from training.calibrate import calibrate_scores
-from training.export import (
+from training.export import export_graph, export_run, perturbed_frames, publish, recalibrate
+from training.onnx_graph import (
     MIN_PARITY_EPS,
     ExportError,
-    export_graph,
     export_onnx,
-    export_run,
     ort_session,
     parity_eps,
-    perturbed_frames,
-    publish,
-    recalibrate,
     rel_diff,
     run_ort,
     run_torch,

@@ -26,7 +26,6 @@ from training.dcgan import (
     num_stages,
     recalibrate_batchnorm,
 )
-from training.export import export_onnx
 from training.gan_heads import (
     GAN_HEAD_BUILDERS,
     GAN_HEAD_INFO,
@@ -44,6 +43,7 @@ from training.gan_train import (
     r1_penalty,
     train_gan,
 )
+from training.onnx_graph import export_onnx
 
 SIZE = 32
 WIDTH = 8

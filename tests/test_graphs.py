@@ -20,7 +20,6 @@ from eval_helpers import edge_frames, normal_frames, write_labelled_folder, writ
 from torch import nn  # noqa: E402
 
 from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies, pseudo_auroc  # noqa: E402
-from training.export import export_onnx  # noqa: E402
 from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
 from training.local_heads import (  # noqa: E402
     PatchDistanceGraph,
@@ -32,6 +31,7 @@ from training.local_heads import (  # noqa: E402
     greedy_coreset,
     sample_candidates,
 )
+from training.onnx_graph import export_onnx  # noqa: E402
 
 
 def write_config(run_dir: Path, kind: str) -> Path:

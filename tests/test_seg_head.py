@@ -17,8 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 
 from training.combo_heads import heldout_anomalies, pseudo_auroc  # noqa: E402
-from training.export import export_onnx  # noqa: E402
 from training.graphs import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
+from training.onnx_graph import export_onnx  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
 from training.seg_head import (  # noqa: E402
     SegGraph,

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from tests.training_helpers import road_frame
 from training import runs
 from training.complexity import ComplexityCoder, laplace_bits
-from training.export import export_onnx
+from training.onnx_graph import export_onnx
 from training.vae import VAE, nats_to_bits_per_dim, to_unit_range
 from training.vae_heads import (
     VAE_HEAD_BUILDERS,
