@@ -14,7 +14,8 @@
     test frames of every other digit are the anomalies. AUROC (normal digit vs all others) of each
     head and baseline, and the mean over the ten digits.
 
-Each part prints a Markdown table and writes it (and a JSON with every number) under ``--out``.
+Each part prints a Markdown table and writes it (and a JSON with every number) under ``--out``; the
+synthetic part also keeps every scorer's test-frame scores (``scores_<size>.npz``).
 
     python bench/bench_accuracy.py synthetic --size 64 --n-normal 8000 --out bench-out/acc64
     python bench/bench_accuracy.py digits --minutes 1 --out bench-out/digits
@@ -281,6 +282,10 @@ def run_synthetic(args: argparse.Namespace) -> int:
     numbers = {r.name: {"source": r.source, **r.metrics} for r in results}
     (out / f"accuracy_{args.size}.json").write_text(
         json.dumps({"counts": counts, "timings": timings, "scorers": numbers}, indent=1)
+    )
+    # Every scorer's test-frame scores, so a question about a combination needs no re-scoring.
+    np.savez_compressed(
+        out / f"scores_{args.size}.npz", families=np.array(families), **{r.name: r.scores for r in results}
     )
     return 0
 
