@@ -7,7 +7,8 @@
     families, AUPR, FPR@95%TPR and detection rate at the calibrated threshold. Ablation rows per
     kind score the patch head with *randomly initialised* early layers (are trained features
     needed?) and with the settings the validation protocol did not pick (per-cell z-scores, pooling),
-    and the combined head without its DRAEM-style seg component.
+    the combined head without its DRAEM-style seg component, and the ensemble's head over all its
+    candidates (without the protocol's component selection).
 (b) ``digits``: scikit-learn's handwritten digits (8x8 grey, 1,797 images), upsampled to 32x32 RGB by
     the one resize rule (contract.frames.resize_frame). One-class protocol: for each digit, 60% of its
     images train, 15% validate (early stopping, calibration), 25% are the normal test frames; the
@@ -107,7 +108,30 @@ def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: li
     return result
 
 
-def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
+def ensemble_without_selection(run_dir: Path, frames: np.ndarray, families: list[str]) -> Any:
+    """The ensemble's head over all nine candidates (what the component selection buys)."""
+    from training.calibrate import calibrate_scores
+    from training.combo_heads import DEFAULT_COMPONENTS, component_graphs, fit_combo, pseudo_auroc
+    from training.ensemble import member_runs
+    from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
+    from training.local_heads import run_normals
+    from training.runs import load_config
+
+    name = "ensemble-combo (all candidates)"
+    sources = [(m, h) for m in member_runs(run_dir) for h in DEFAULT_COMPONENTS[load_config(m)["kind"]]]
+    names, graphs = component_graphs(sources)
+    graph = fit_combo(names, graphs, run_dir, run_dir / "banks" / "ensemble-combo-all.json", label=name)
+    val = run_normals(run_dir, "val")
+    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
+    scores, _ = score_with_maps(graph, frames, desc=name)
+    result = ScorerResult(name, "ablation", scores, calibration)
+    result.metrics = evaluate_scores(scores, families, calibration.threshold)
+    for corruptions in ("patches", "heldout"):
+        result.metrics[f"protocol_{corruptions}"] = pseudo_auroc(graph, val, name, corruptions)
+    return result
+
+
+def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any], ensemble: Path | None) -> list[str]:
     """Markdown lines: the seg heads and the combos with and without them on both corruption sets.
 
     The seg net trains on blob-shaped pastes, close kin of the ``patches`` set; ``heldout`` (light
@@ -126,6 +150,15 @@ def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[st
             lines.append(f"| `{head}` | {values[0]:.3f} | {values[1]:.3f} |")
         for r in results:
             if r.name == f"{kind}-combo (without seg)":
+                m = r.metrics
+                lines.append(f"| `{r.name}` | {m['protocol_patches']:.3f} | {m['protocol_heldout']:.3f} |")
+    if ensemble is not None:
+        val = run_normals(ensemble, "val")
+        graph = build_score_graph(ensemble, "ensemble-combo")
+        values = [pseudo_auroc(graph, val, "ensemble-combo", c) for c in ("patches", "heldout")]
+        lines.append(f"| `ensemble-combo` | {values[0]:.3f} | {values[1]:.3f} |")
+        for r in results:
+            if r.name == "ensemble-combo (all candidates)":
                 m = r.metrics
                 lines.append(f"| `{r.name}` | {m['protocol_patches']:.3f} | {m['protocol_heldout']:.3f} |")
     return lines
@@ -242,11 +275,17 @@ def run_synthetic(args: argparse.Namespace) -> int:
             results.extend(ablation_scores(run, kind, frames, families, v) for v in ABLATIONS)
             results.append(combo_without_seg(run, kind, frames, families))
         timings[f"evaluate {kind} (s)"] = time.perf_counter() - start
+    ensemble_dir = None
     if set(runs) == {"vae", "gan"}:
         start = time.perf_counter()
-        ensemble = out / "ensemble"
+        ensemble = ensemble_dir = out / "ensemble"
         edgecase("ensemble", str(runs["vae"]), str(runs["gan"]), "--out", str(ensemble))
-        results += evaluate_run(ensemble, data, max_per_family=args.max_per_family, baselines=False)[0]
+        ens_results, _, frames, _ = evaluate_run(
+            ensemble, data, max_per_family=args.max_per_family, baselines=False
+        )
+        results += ens_results
+        if args.ablation:
+            results.append(ensemble_without_selection(ensemble, frames, families))
         timings["ensemble (s)"] = time.perf_counter() - start
     counts = {f: families.count(f) for f in sorted(set(families))}
     text = "\n".join(
@@ -269,7 +308,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
                 ["Validation protocol of the patch-head settings (no edge-case family):", ""]
                 + protocol_table(runs, results)
                 + ["", "Validation protocol of the seg heads and the combos (no edge-case family):", ""]
-                + seg_protocol_table(runs, results)
+                + seg_protocol_table(runs, results, ensemble_dir)
                 + [""]
                 if args.ablation
                 else []

@@ -82,7 +82,7 @@ def test_calibration_file_round_trips(tmp_path: Path) -> None:
     path = save_calibration(tmp_path, cal)
     assert path == tmp_path / "calibration" / "vae-elbo.json"
     data = json.loads(path.read_text())
-    assert set(data) == {"head", "target_fpr", "threshold", "n", "scores", "quantiles"}
+    assert set(data) == {"head", "target_fpr", "threshold", "n", "scores", "quantiles", "graph_fingerprint"}
     assert load_calibration(tmp_path, "vae-elbo") == cal
     with pytest.raises(FileNotFoundError, match="no calibration for head 'gan-disc'"):
         load_calibration(tmp_path, "gan-disc")

@@ -51,8 +51,11 @@ def test_the_ensemble_command_fits_and_calibrates_one_head_over_both_runs(
     assert config["members"] == [str(members[0].resolve()), str(members[1].resolve())]  # VAE first
     assert available_heads(out) == ["ensemble-combo"] and default_head("ensemble") == "ensemble-combo"
     record = json.loads((out / "banks" / "ensemble-combo.json").read_text())
-    kinds = {name.split("-")[0] for name in record["components"]}
-    assert kinds == {"vae", "gan"} and "gan-dfeat-knn" in record["components"]
+    kinds = {name.split("-")[0] for name in record["candidates"]}
+    assert kinds == {"vae", "gan"} and "gan-dfeat-knn" in record["candidates"]  # every member head
+    assert record["selected"] and record["components"]  # of which the protocol kept one or more
+    assert set(record["components"]) <= set(record["candidates"])
+    assert len(record["center"]) == len(record["components"])
     assert (out / "calibration" / "ensemble-combo.json").is_file()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -130,3 +131,24 @@ def test_evaluate_a_tiny_gan_run_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert (run / "calibration" / "gan-patch.json").is_file()  # calibrated on the run's val normals
     assert "best head:" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--data", str(data), "--heads", "vae-elbo"]) == 2
+
+
+def test_evaluate_recalibrates_a_head_whose_threshold_was_computed_with_another_graph(tmp_path: Path) -> None:
+    """A threshold belongs to the graph it was computed with; a rebuilt head must not keep a stale one."""
+    pytest.importorskip("torch")
+    from eval_helpers import write_labelled_folder, write_tiny_gan_run
+
+    from training.calibrate import graph_fingerprint, load_calibration, save_calibration
+    from training.evaluate import evaluate_run
+    from training.graphs import build_score_graph
+
+    data = write_labelled_folder(tmp_path / "data")
+    run = write_tiny_gan_run(tmp_path / "run", data)
+    evaluate_run(run, data, heads=["gan-disc"], baselines=False)
+    fresh = load_calibration(run, "gan-disc")
+    assert fresh.graph_fingerprint == graph_fingerprint(build_score_graph(run, "gan-disc"))
+    stale = dataclasses.replace(fresh, threshold=1e9, graph_fingerprint="another graph")
+    save_calibration(run, stale)
+    results, _, _, _ = evaluate_run(run, data, heads=["gan-disc"], baselines=False)
+    assert results[0].calibration.threshold == fresh.threshold
+    assert load_calibration(run, "gan-disc") == fresh

@@ -19,7 +19,16 @@ ort = pytest.importorskip("onnxruntime")
 from eval_helpers import edge_frames, normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 from torch import nn  # noqa: E402
 
-from training.combo_heads import ComboGraph, choose_rule, combine, pseudo_anomalies, pseudo_auroc  # noqa: E402
+from training.combo_heads import (  # noqa: E402
+    MIN_GAIN,
+    ComboGraph,
+    choose_rule,
+    combine,
+    preferred,
+    pseudo_anomalies,
+    pseudo_auroc,
+    select_components,
+)
 from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
 from training.local_heads import (  # noqa: E402
     PatchDistanceGraph,
@@ -308,11 +317,30 @@ def test_rule_selection_prefers_max_when_one_head_sees_each_anomaly() -> None:
     rng = np.random.default_rng(0)
     normal = rng.normal(size=(200, 2))
     pseudo = rng.normal(size=(200, 2))
-    pseudo[:100, 0] += 6  # half the anomalies only head 0 sees, half only head 1
-    pseudo[100:, 1] += 6
+    pseudo[:100, 0] += 3  # half the anomalies only head 0 sees, half only head 1
+    pseudo[100:, 1] += 3
     rule, by_rule, per_component = choose_rule(normal, pseudo)
-    assert rule == "max" and by_rule["max"] > by_rule["mean"]
+    assert rule == "max" and by_rule["max"] > by_rule["mean"] + MIN_GAIN
     assert len(per_component) == 2
+
+
+def test_rules_closer_than_the_minimum_gain_tie_and_the_tie_goes_to_fewer_components_then_mean() -> None:
+    assert preferred({"max": (0.950, 2), "mean": (0.947, 2), "top2": (0.900, 2)}) == "mean"
+    assert preferred({"max": (0.950, 2), "mean": (0.940, 2), "top2": (0.900, 2)}) == "max"
+    assert preferred({"max": (0.950, 1), "mean": (0.952, 3), "top2": (0.951, 2)}) == "max"
+
+
+def test_selection_keeps_complementary_heads_and_drops_duplicates_and_noise() -> None:
+    rng = np.random.default_rng(1)
+    normal, pseudo = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    pseudo[:150, 0] += 4  # heads 0 and 1 each see half of the anomalies
+    pseudo[150:, 1] += 4
+    normal[:, 2] = normal[:, 0] + 0.05 * rng.normal(size=300)  # head 2: a near-copy of head 0
+    pseudo[:, 2] = pseudo[:, 0] + 0.05 * rng.normal(size=300)  # head 3 stays noise
+    rule, chosen, by_rule = select_components(normal, pseudo)
+    assert len(chosen) == 2 and 1 in chosen and 3 not in chosen
+    assert len({0, 2} & set(chosen)) == 1  # one of the two copies, whichever the noise favours
+    assert set(by_rule) == {"max", "mean", "top2"} and by_rule[rule] == max(by_rule.values())
 
 
 def test_pseudo_anomalies_change_a_patch_of_each_frame() -> None:

@@ -12,7 +12,10 @@ definition (numpy ``method="inverted_cdf"``): the smallest calibration score ``t
 at most ``target_fpr`` of the calibration normals are flagged.
 
 Files: ``RUN_DIR/calibration/<head>.json`` with
-``{"head", "target_fpr", "threshold", "n", "scores": [...], "quantiles": {...}}``.
+``{"head", "target_fpr", "threshold", "n", "scores": [...], "quantiles": {...}, "graph_fingerprint"}``.
+The fingerprint (:func:`graph_fingerprint`) ties a threshold to the graph it was computed with: a
+head rebuilt differently (a re-fitted combo, a retrained seg net) is recalibrated by ``evaluate``
+instead of being judged against a stale threshold.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,7 @@ class Calibration:
     scores: list[float] = field(repr=False)
     target_fpr: float = 0.01
     head: str = ""
+    graph_fingerprint: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The on-disk form (see the module docstring)."""
@@ -56,7 +60,27 @@ class Calibration:
             "n": self.n,
             "scores": self.scores,
             "quantiles": self.quantiles,
+            "graph_fingerprint": self.graph_fingerprint,
         }
+
+
+def graph_fingerprint(graph: nn.Module) -> str:
+    """sha256 of what decides a graph's scores: every tensor of its state and every module's plain
+    settings (a combo's rule, a smoothing size), in a fixed order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, module in graph.named_modules():
+        plain = {
+            key: value
+            for key, value in vars(module).items()
+            if not key.startswith("_") and key != "training" and isinstance(value, str | int | float | tuple)
+        }
+        digest.update(f"{name}:{type(module).__name__}:{sorted(plain.items())!r}".encode())
+    for key, tensor in sorted(graph.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_scores(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -124,6 +148,7 @@ def load_calibration(run_dir: str | Path, head: str) -> Calibration:
         scores=[float(v) for v in data["scores"]],
         target_fpr=float(data["target_fpr"]),
         head=str(data.get("head", head)),
+        graph_fingerprint=str(data.get("graph_fingerprint", "")),
     )
 
 
@@ -172,8 +197,22 @@ def calibrate_run(
                 raise
             log.warning("%s: head %s skipped, its graph cannot be built: %s", run_dir, head, exc)
             continue
-        scores = score_frames(graph, val_frames, batch_size=batch_size, desc=f"calibrating {head}")
-        calibration = calibrate_scores(scores, target_fpr=target_fpr, head=head)
-        save_calibration(run_dir, calibration)
-        results[head] = calibration
+        results[head] = calibrate_graph(run_dir, graph, head, val_frames, target_fpr, batch_size)
     return results
+
+
+def calibrate_graph(
+    run_dir: str | Path,
+    graph: nn.Module,
+    head: str,
+    val_frames: npt.NDArray[np.uint8],
+    target_fpr: float = 0.01,
+    batch_size: int = 64,
+) -> Calibration:
+    """Calibrate one built head on held-out normals and save it, fingerprinted with its graph."""
+    scores = score_frames(graph, val_frames, batch_size=batch_size, desc=f"calibrating {head}")
+    calibration = replace(
+        calibrate_scores(scores, target_fpr=target_fpr, head=head), graph_fingerprint=graph_fingerprint(graph)
+    )
+    save_calibration(run_dir, calibration)
+    return calibration

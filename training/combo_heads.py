@@ -19,10 +19,15 @@ Zavrtanik et al. 2021), sizes from 2 px to a third of the frame so that both sma
 large corruptions occur. A second set, :func:`heldout_anomalies`, applies corruptions no head trains
 on: local light changes, thin scars and global changes (contrast, blur, colour cast), so that a head
 trained on pasted defects (``<kind>-seg``) cannot choose the rule by itself and global changes count
-as much as local ones. The rule with the highest AUROC of normals-B versus both sets is used.
-Components whose own AUROC there is below 0.5 are still kept: a corruption the head does not react
-to says little about the real edge cases (fog, rain) it was chosen for. The chosen rule, the
-statistics and the AUROCs are cached in ``RUN_DIR/banks/<kind>-combo.json``.
+as much as local ones. The rule with the highest AUROC of normals-B versus both sets is used;
+rules within ``MIN_GAIN`` (0.005, half the AUROC's standard error at 500 normals) of the best are a
+tie, settled in the order ``mean``, ``top2``, ``max``. A run's combo keeps all its components, even
+those whose own AUROC there is below 0.5: a corruption the head does not react to says little about
+the real edge cases (fog, rain) it was chosen for. The ensemble's combo (training/ensemble.py) has
+nine candidates from two runs, many of them near-duplicates, so it also *selects* its components
+(:func:`select_components`: greedy forward selection, a component joins only if it buys at least
+``MIN_GAIN``). The chosen rule and components, the statistics and the AUROCs are cached in
+``RUN_DIR/banks/<kind>-combo.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 RULES = ("max", "mean", "top2")
-COMBO_FORMAT_VERSION = 3
+# Protocol AUROCs closer than MIN_GAIN are a tie (at 500 validation normals the standard error of an
+# AUROC near 0.9 is about 0.01): a component must buy at least this much to join a selected combo, and
+# among rules within it of the best, the one with fewer components, then earlier here, is taken.
+MIN_GAIN = 0.005
+RULE_PREFERENCE = ("mean", "top2", "max")  # mean first: Stouffer's combination of evidence
+COMBO_FORMAT_VERSION = 4
 MAX_COMBO_VAL = 1000
 MIN_SELECT_VAL = 8
 
@@ -178,15 +188,11 @@ def pseudo_auroc(
 
 
 def graphs_fingerprint(graphs: list[nn.Module]) -> str:
-    """sha256 of the components' weights and buffers: cached statistics are stale when any changes."""
-    import hashlib
+    """Fingerprint of the components' weights, banks and settings: cached statistics are stale when any
+    changes (training.calibrate.graph_fingerprint of them as one module list)."""
+    from training.calibrate import graph_fingerprint
 
-    digest = hashlib.sha256()
-    for graph in graphs:
-        for key, tensor in sorted(graph.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return graph_fingerprint(nn.ModuleList(graphs))
 
 
 def combine(z: np.ndarray | torch.Tensor, rule: str) -> Any:
@@ -253,20 +259,56 @@ def robust_stats(scores: np.ndarray) -> tuple[float, float]:
     return center, max(mad, 1e-3 * spread, 1e-8)
 
 
-def choose_rule(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, dict[str, float], list[float]]:
-    """The rule with the best AUROC of normals vs pseudo-anomalies; all rules' and components' AUROCs."""
+def rule_auroc(z_normal: np.ndarray, z_pseudo: np.ndarray, rule: str) -> float:
+    """AUROC of normals vs pseudo-anomalies for z-scores [N, K] combined by ``rule``."""
     from sklearn.metrics import roc_auc_score
 
     labels = np.r_[np.zeros(len(z_normal)), np.ones(len(z_pseudo))]
-    by_rule = {
-        rule: float(roc_auc_score(labels, np.r_[combine(z_normal, rule), combine(z_pseudo, rule)]))
-        for rule in RULES
-    }
-    per_component = [
-        float(roc_auc_score(labels, np.r_[z_normal[:, k], z_pseudo[:, k]])) for k in range(z_normal.shape[1])
-    ]
-    best = max(RULES, key=lambda r: by_rule[r])  # ties: the order of RULES
+    return float(roc_auc_score(labels, np.r_[combine(z_normal, rule), combine(z_pseudo, rule)]))
+
+
+def preferred(results: dict[str, tuple[float, int]]) -> str:
+    """The rule to use given ``rule -> (protocol AUROC, components)``: the best AUROC, where rules
+    within ``MIN_GAIN`` of it tie; ties go to fewer components, then to ``RULE_PREFERENCE`` order."""
+    top = max(auroc for auroc, _ in results.values())
+    near = [rule for rule, (auroc, _) in results.items() if auroc >= top - MIN_GAIN]
+    return min(near, key=lambda rule: (results[rule][1], RULE_PREFERENCE.index(rule)))
+
+
+def choose_rule(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, dict[str, float], list[float]]:
+    """The rule for a fixed set of components (:func:`preferred`); all rules' and components' AUROCs."""
+    by_rule = {rule: rule_auroc(z_normal, z_pseudo, rule) for rule in RULES}
+    k = z_normal.shape[1]
+    per_component = [rule_auroc(z_normal[:, [i]], z_pseudo[:, [i]], "max") for i in range(k)]
+    best = preferred({rule: (auroc, k) for rule, auroc in by_rule.items()})
     return best, by_rule, per_component
+
+
+def select_components(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, list[int], dict[str, float]]:
+    """Greedy forward selection of components for each rule, then :func:`preferred` across rules.
+
+    Per rule: start from the component with the best protocol AUROC, add the one that raises it most,
+    stop when the best addition buys less than ``MIN_GAIN``. Returns (rule, chosen column indices in
+    order of selection, the protocol AUROC each rule's selection reached).
+    """
+    paths: dict[str, tuple[float, list[int]]] = {}
+    for rule in RULES:
+        chosen: list[int] = []
+        best = -np.inf
+        while len(chosen) < z_normal.shape[1]:
+            trials = [
+                (rule_auroc(z_normal[:, [*chosen, k]], z_pseudo[:, [*chosen, k]], rule), -k)
+                for k in range(z_normal.shape[1])
+                if k not in chosen
+            ]
+            auroc, neg_k = max(trials)  # ties: the earlier candidate
+            if auroc < best + MIN_GAIN:
+                break
+            chosen.append(-neg_k)
+            best = auroc
+        paths[rule] = (float(best), chosen)
+    rule = preferred({r: (auroc, len(cols)) for r, (auroc, cols) in paths.items()})
+    return rule, paths[rule][1], {r: auroc for r, (auroc, _) in paths.items()}
 
 
 def component_graphs(sources: list[tuple[Path, str]]) -> tuple[list[str], list[nn.Module]]:
@@ -295,11 +337,16 @@ def build_combo_graph(
     names, graphs = component_graphs([(run_dir, head) for head in wanted])
     if not names:
         raise ValueError(f"no component heads available for {kind}-combo (wanted {', '.join(wanted)})")
-    map_from = names.index(f"{kind}-patch") if f"{kind}-patch" in names else None
     # A non-default component list (an ablation) keeps its own cache beside the default one.
     suffix = "" if components is None else "-" + "+".join(names)
     cache = run_dir / "banks" / f"{kind}-combo{suffix}.json"
-    return fit_combo(names, graphs, run_dir, cache, map_from, label=f"{kind}-combo")
+    return fit_combo(names, graphs, run_dir, cache, label=f"{kind}-combo")
+
+
+def map_index(names: list[str]) -> int | None:
+    """Which component's anomaly map a combo returns: its first patch head (None: the first with a map)."""
+    patches = [i for i, name in enumerate(names) if name.endswith("-patch")]
+    return patches[0] if patches else None
 
 
 def fit_combo(
@@ -307,13 +354,15 @@ def fit_combo(
     graphs: list[nn.Module],
     run_dir: Path,
     cache: Path,
-    map_from: int | None,
     label: str,
+    select: bool = False,
 ) -> ComboGraph:
     """Standardise ``graphs`` on the validation normals of ``run_dir`` and choose the rule (cached).
 
-    The statistics are recomputed whenever a component's weights or banks change (the cache holds a
-    fingerprint of them) or the component list does.
+    With ``select``, the components themselves are chosen too (:func:`select_components`) and the
+    graph holds only those; otherwise all of them with the rule :func:`choose_rule` picks. The
+    statistics are recomputed whenever a component's weights or banks change (the cache holds a
+    fingerprint of them) or the candidate list does.
     """
     from training.calibrate import score_frames
     from training.local_heads import run_normals
@@ -322,18 +371,24 @@ def fit_combo(
     if cache.is_file():
         saved = json.loads(cache.read_text())
         fresh = saved.get("version") == COMBO_FORMAT_VERSION and saved.get("fingerprint") == fingerprint
-        if fresh and saved.get("components") == names:
-            return ComboGraph(graphs, saved["center"], saved["scale"], saved["rule"], map_from).eval()
+        if fresh and saved.get("candidates") == names and bool(saved.get("selected")) == select:
+            kept = [names.index(name) for name in saved["components"]]
+            return ComboGraph(
+                [graphs[i] for i in kept], saved["center"], saved["scale"], saved["rule"],
+                map_index(saved["components"]),
+            ).eval()  # fmt: skip
     val = run_normals(run_dir, split="val", limit=MAX_COMBO_VAL)
     if len(val) == 0:
         raise ValueError(f"{label} needs validation normals, the run has none")
+    kept = list(range(len(names)))
     if len(val) < MIN_SELECT_VAL:  # dry runs: statistics on all of them, the default rule, no selection
-        log.warning("%s: only %d validation normals, rule %s not validated", label, len(val), RULES[0])
+        rule = RULE_PREFERENCE[0]
+        log.warning("%s: only %d validation normals, rule %s not validated", label, len(val), rule)
         pairs = zip(names, graphs, strict=True)
         stats = [robust_stats(score_frames(g, val, desc=f"combo stats {n}")) for n, g in pairs]
         center, scale = [c for c, _ in stats], [s for _, s in stats]
-        rule, by_rule, per_component = RULES[0], {}, [float("nan")] * len(names)
-        heldout_by_component = per_component
+        by_rule: dict[str, float] = {}
+        per_component = heldout_by_component = [float("nan")] * len(names)
         half_a, half_b = val, val[:0]
     else:
         half_a, half_b, pseudo = validation_halves(val)
@@ -350,14 +405,25 @@ def fit_combo(
         # rule alone, and global changes (fog-like, but generic) count as much as local ones.
         normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
         rule, by_rule, per_component = choose_rule(normals_z, corrupted_z)
+        if select:
+            rule, kept, by_rule = select_components(normals_z, corrupted_z)
         heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1))[2]
-        log.info("%s: rule %s (pseudo-anomaly AUROC by rule %s)", label, rule, by_rule)
+        log.info(
+            "%s: rule %s over %s (protocol AUROC by rule %s)",
+            label,
+            rule,
+            ", ".join(names[i] for i in kept),
+            {r: round(a, 4) for r, a in by_rule.items()},
+        )
+    components = [names[i] for i in kept]
     record = {
         "version": COMBO_FORMAT_VERSION,
-        "components": names,
+        "candidates": names,
+        "selected": select,
+        "components": components,
         "fingerprint": fingerprint,
-        "center": center,
-        "scale": scale,
+        "center": [center[i] for i in kept],
+        "scale": [scale[i] for i in kept],
         "rule": rule,
         "pseudo_auroc_by_rule": by_rule,
         "pseudo_auroc_by_component": dict(zip(names, per_component, strict=True)),
@@ -369,4 +435,6 @@ def fit_combo(
     tmp = cache.with_name(f".{cache.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(cache)
-    return ComboGraph(graphs, center, scale, rule, map_from).eval()
+    return ComboGraph(
+        [graphs[i] for i in kept], record["center"], record["scale"], rule, map_index(components)
+    ).eval()

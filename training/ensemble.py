@@ -3,9 +3,12 @@
 The two families of generative model fail on different edge cases (docs/benchmarks.md, "##
 Accuracy"): the GAN's discriminator-feature heads see the global changes (fog, rain, glare) that
 the VAE's likelihood is fooled by (Nalisnick et al. 2019), while the VAE's reconstruction-based seg
-head and its patch head see small objects and work zones. The ``ensemble-combo`` head standardises
-the components of both runs' ``<kind>-combo`` heads on the shared validation normals and combines
-them by the rule the validation protocol picks (training/combo_heads.py), like a one-run combo.
+head and its patch head see small objects and work zones. The ``ensemble-combo`` head takes the
+components of both runs' ``<kind>-combo`` heads as candidates, standardises them on the shared
+validation normals and keeps those the validation protocol selects, combined by the rule it picks
+(training/combo_heads.py, ``select_components``): nine candidates include near-duplicates (two
+likelihoods, two patch heads), and a plain combination of all of them dilutes the few heads that
+see a small object.
 
 An ensemble is a run directory of its own, so ``evaluate``, ``export`` and ``serve`` treat it like
 any run::
@@ -109,6 +112,4 @@ def build_ensemble_graph(run_dir: str | Path) -> nn.Module:
     names, graphs = component_graphs(sources)
     if not names:
         raise ValueError(f"{run_dir}: no member head could be built for {HEAD}")
-    maps = [n for n in names if n.endswith("-patch")]
-    map_from = names.index(maps[0]) if maps else None
-    return fit_combo(names, graphs, run_dir, run_dir / "banks" / f"{HEAD}.json", map_from, label=HEAD)
+    return fit_combo(names, graphs, run_dir, run_dir / "banks" / f"{HEAD}.json", label=HEAD, select=True)

@@ -139,12 +139,13 @@ def evaluate_run(
 ) -> tuple[list[ScorerResult], list[str], npt.NDArray[np.uint8], list[str]]:
     """Score the labelled frames of ``data`` with every head of the run and every baseline.
 
-    Returns ``(results, families, frames, keys)``. A head without a calibration file is calibrated
-    here on the run's validation normals (and the file is written, as ``edgecase calibrate`` would).
+    Returns ``(results, families, frames, keys)``. A head without a calibration file, or whose file
+    was written for another graph (its fingerprint differs), is calibrated here on the run's
+    validation normals (and the file is written, as ``edgecase calibrate`` would).
     """
     from contract.labels import is_normal
     from training.baselines import fit_baselines
-    from training.calibrate import calibrate_run, load_calibration
+    from training.calibrate import calibrate_graph, graph_fingerprint, load_calibration
     from training.data import load_labelled_frames
     from training.graphs import available_heads, build_score_graph
     from training.local_heads import run_normals
@@ -165,14 +166,18 @@ def evaluate_run(
     val: npt.NDArray[np.uint8] | None = None
     results: list[ScorerResult] = []
     for head in names:
+        graph = build_score_graph(run_dir, head)
         try:
             calibration = load_calibration(run_dir, head)
+            stale = calibration.graph_fingerprint != graph_fingerprint(graph)
         except FileNotFoundError:
+            calibration, stale = None, True
+        if calibration is None or stale:
             if val is None:
                 val = run_normals(run_dir, "val")
-            log.info("%s has no calibration yet: calibrating on %d validation normals", head, len(val))
-            calibration = calibrate_run(run_dir, val, heads=[head], target_fpr=target_fpr)[head]
-        graph = build_score_graph(run_dir, head)
+            why = "has no calibration yet" if calibration is None else "was calibrated with another graph"
+            log.info("%s %s: calibrating on %d validation normals", head, why, len(val))
+            calibration = calibrate_graph(run_dir, graph, head, val, target_fpr, batch_size)
         scores, _ = score_with_maps(graph, frames, batch_size, desc=f"evaluating {head}")
         results.append(ScorerResult(head, "head", scores, calibration))
     if baselines:

@@ -153,9 +153,9 @@ def _ensemble_heads() -> dict[str, HeadInfo]:
             name="ensemble-combo",
             kind=ENSEMBLE,
             units="combined z-score",
-            definition="combination of the standardised component scores of a VAE run's and a GAN run's "
-            "combo heads (statistics on their shared validation normals, rule chosen on self-supervised "
-            "pseudo-anomalies); map of the first patch head",
+            definition="combination of standardised head scores of a VAE run and a GAN run (statistics on "
+            "their shared validation normals; components and rule selected on self-supervised "
+            "pseudo-anomalies); map of the first selected head that has one",
             has_map=True,
             builder=build,
         )
