@@ -337,3 +337,10 @@ def test_the_export_command_publishes_and_calibrate_republishes(vae_run: Path, t
     assert ModelRegistry(repo).scan() == {"v": [1, 2]}
     assert main(["export", str(tmp_path), "--head", "vae-elbo", "--repo", str(repo)]) == 2  # not a run
     assert main(["export", str(vae_run), "--head", "nope", "--repo", str(repo)]) == 2  # unknown head
+
+
+def test_export_without_a_head_publishes_the_runs_best_head(vae_run: Path, tmp_path: Path) -> None:
+    from edgecase.cli import main
+
+    assert main(["export", str(vae_run), "--repo", str(tmp_path), "--name", "best"]) == 0
+    assert load_manifest(tmp_path / "best" / "1").model.head == "vae-seg"

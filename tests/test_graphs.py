@@ -29,7 +29,13 @@ from training.combo_heads import (  # noqa: E402
     pseudo_auroc,
     select_components,
 )
-from training.graphs import available_heads, build_score_graph, default_head, head_info  # noqa: E402
+from training.graphs import (  # noqa: E402
+    available_heads,
+    build_score_graph,
+    default_head,
+    default_head_of,
+    head_info,
+)
 from training.local_heads import (  # noqa: E402
     PatchDistanceGraph,
     PatchFeatures,
@@ -129,6 +135,13 @@ def test_the_default_head_of_each_kind_is_a_registered_head(tmp_path: Path) -> N
         assert default_head(kind) in available_heads(write_config(tmp_path / kind, kind))
     with pytest.raises(ValueError, match="unknown run kind"):
         default_head("flow")
+
+
+def test_a_run_without_the_best_head_defaults_to_the_next_best_it_has(tmp_path: Path) -> None:
+    run = write_config(tmp_path / "vae", "vae")
+    assert default_head_of(run) == default_head("vae") == "vae-seg"
+    (run / "config.json").write_text(json.dumps({"kind": "vae", "size": 32, "seg_steps": 0}))  # no seg
+    assert default_head_of(run) == "vae-combo"
 
 
 # -- patch head --------------------------------------------------------------------------------------

@@ -41,8 +41,13 @@ _EXTERNAL_SOURCES: dict[str, tuple[str, str, str]] = {
 ENSEMBLE = "ensemble"
 _KINDS = (*_EXTERNAL_SOURCES, ENSEMBLE)
 
-# Chosen by the accuracy benchmark (docs/benchmarks.md, "## Accuracy").
-_DEFAULT_HEADS = {"vae": "vae-combo", "gan": "gan-combo", ENSEMBLE: "ensemble-combo"}
+# Chosen by the accuracy benchmark (docs/benchmarks.md, "## Accuracy"), best first: a run without the
+# first (e.g. trained with --seg-steps 0) defaults to the next it has.
+_DEFAULT_HEADS = {
+    "vae": ("vae-seg", "vae-combo"),
+    "gan": ("gan-combo",),
+    ENSEMBLE: ("ensemble-combo",),
+}
 
 
 class HeadUnavailable(ValueError):
@@ -225,4 +230,11 @@ def default_head(kind: str) -> str:
     """The best head of a kind of run, by the accuracy benchmark."""
     if kind not in _DEFAULT_HEADS:
         raise ValueError(f"unknown run kind {kind!r}; valid: {', '.join(sorted(_DEFAULT_HEADS))}")
-    return _DEFAULT_HEADS[kind]
+    return _DEFAULT_HEADS[kind][0]
+
+
+def default_head_of(run_dir: str | Path) -> str:
+    """The best head this run has (``edgecase export`` without ``--head``)."""
+    kind = run_kind(run_dir)
+    heads = set(available_heads(run_dir))
+    return next((h for h in _DEFAULT_HEADS[kind] if h in heads), available_heads(run_dir)[0])

@@ -20,10 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "export",
         "Export a run's score head to ONNX, check parity, calibrate with onnxruntime, publish a new version.",
-        "edgecase export runs/vae --head vae-elbo --repo models/",
+        "edgecase export runs/ensemble --repo models/    # or: runs/vae --head vae-elbo",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run made by `edgecase train`")
-    parser.add_argument("--head", required=True, help="score head, e.g. vae-elbo, gan-feat")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run made by `edgecase train` or `ensemble`")
+    parser.add_argument(
+        "--head",
+        help="score head, e.g. vae-elbo, gan-feat (default: the run's best head by the accuracy "
+        "benchmark: ensemble-combo, vae-seg, gan-combo)",
+    )
     parser.add_argument(
         "--repo", type=Path, default=Path("models"), help="model repository (default: models/)"
     )
@@ -58,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--data {args.data} does not exist")
 
     from training.export import ExportError, export_run
+    from training.graphs import default_head_of
 
     try:
+        head = args.head or default_head_of(run_dir)
+        if args.head is None:
+            print(f"--head not given: exporting {head}, this run's best head (docs/benchmarks.md)")
         export_run(
             run_dir,
-            args.head,
+            head,
             args.repo,
             name=args.name,
             variant=args.variant,
