@@ -70,34 +70,14 @@ ABLATIONS = {
 }
 
 
-def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str], variant: str) -> Any:
-    """The patch head built with one ablation setting, calibrated like the others; a ScorerResult."""
+def scored_variant(name: str, graph: Any, run_dir: Path, frames: np.ndarray, families: list[str]) -> Any:
+    """A graph that is not a registered head (an ablation), scored like one: calibrated on the run's
+    validation normals, evaluated per family, with its protocol AUROC on both corruption sets."""
     from training.calibrate import calibrate_scores
     from training.combo_heads import pseudo_auroc
     from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
-    from training.local_heads import build_patch_graph, run_normals
-
-    name = f"{kind}-patch ({variant})"
-    graph = build_patch_graph(run_dir, kind, **ABLATIONS[variant])
-    val = run_normals(run_dir, "val")
-    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
-    scores, _ = score_with_maps(graph, frames, desc=name)
-    result = ScorerResult(name, "ablation", scores, calibration)
-    result.metrics = evaluate_scores(scores, families, calibration.threshold)
-    result.metrics["protocol_auroc"] = pseudo_auroc(graph, val, name)
-    return result
-
-
-def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
-    """The combined head without its seg component (does the DRAEM-style head earn its place?)."""
-    from training.calibrate import calibrate_scores
-    from training.combo_heads import DEFAULT_COMPONENTS, build_combo_graph, pseudo_auroc
-    from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
     from training.local_heads import run_normals
 
-    name = f"{kind}-combo (without seg)"
-    components = tuple(c for c in DEFAULT_COMPONENTS[kind] if c != f"{kind}-seg")
-    graph = build_combo_graph(run_dir, kind, components)
     val = run_normals(run_dir, "val")
     calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
     scores, _ = score_with_maps(graph, frames, desc=name)
@@ -108,27 +88,34 @@ def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: li
     return result
 
 
+def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str], variant: str) -> Any:
+    """The patch head built with one ablation setting, calibrated like the others; a ScorerResult."""
+    from training.local_heads import build_patch_graph
+
+    graph = build_patch_graph(run_dir, kind, **ABLATIONS[variant])
+    return scored_variant(f"{kind}-patch ({variant})", graph, run_dir, frames, families)
+
+
+def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
+    """The combined head without its seg component (does the DRAEM-style head earn its place?)."""
+    from training.combo_heads import DEFAULT_COMPONENTS, build_combo_graph
+
+    components = tuple(c for c in DEFAULT_COMPONENTS[kind] if c != f"{kind}-seg")
+    graph = build_combo_graph(run_dir, kind, components)
+    return scored_variant(f"{kind}-combo (without seg)", graph, run_dir, frames, families)
+
+
 def ensemble_without_selection(run_dir: Path, frames: np.ndarray, families: list[str]) -> Any:
     """The ensemble's head over all nine candidates (what the component selection buys)."""
-    from training.calibrate import calibrate_scores
-    from training.combo_heads import DEFAULT_COMPONENTS, component_graphs, fit_combo, pseudo_auroc
+    from training.combo_heads import DEFAULT_COMPONENTS, component_graphs, fit_combo
     from training.ensemble import member_runs
-    from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
-    from training.local_heads import run_normals
     from training.runs import load_config
 
     name = "ensemble-combo (all candidates)"
     sources = [(m, h) for m in member_runs(run_dir) for h in DEFAULT_COMPONENTS[load_config(m)["kind"]]]
     names, graphs = component_graphs(sources)
     graph = fit_combo(names, graphs, run_dir, run_dir / "banks" / "ensemble-combo-all.json", label=name)
-    val = run_normals(run_dir, "val")
-    calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
-    scores, _ = score_with_maps(graph, frames, desc=name)
-    result = ScorerResult(name, "ablation", scores, calibration)
-    result.metrics = evaluate_scores(scores, families, calibration.threshold)
-    for corruptions in ("patches", "heldout"):
-        result.metrics[f"protocol_{corruptions}"] = pseudo_auroc(graph, val, name, corruptions)
-    return result
+    return scored_variant(name, graph, run_dir, frames, families)
 
 
 def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any], ensemble: Path | None) -> list[str]:
@@ -170,14 +157,16 @@ def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
     from training.graphs import build_score_graph
     from training.local_heads import run_normals
 
-    lines = ["| patch head | protocol AUROC (normals vs CutPaste / noise patches) |", "|---|---:|"]
+    lines = ["| patch head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]
     for kind, run in run_dirs.items():
         head = f"{kind}-patch"
-        value = pseudo_auroc(build_score_graph(run, head), run_normals(run, "val"), head)
-        lines.append(f"| `{head}` | {value:.3f} |")
+        graph, val = build_score_graph(run, head), run_normals(run, "val")
+        values = [pseudo_auroc(graph, val, head, c) for c in ("patches", "heldout")]
+        lines.append(f"| `{head}` | {values[0]:.3f} | {values[1]:.3f} |")
         for r in results:
-            if r.name.startswith(f"{head} (") and "protocol_auroc" in r.metrics:
-                lines.append(f"| `{r.name}` | {r.metrics['protocol_auroc']:.3f} |")
+            if r.name.startswith(f"{head} (") and "protocol_patches" in r.metrics:
+                m = r.metrics
+                lines.append(f"| `{r.name}` | {m['protocol_patches']:.3f} | {m['protocol_heldout']:.3f} |")
     return lines
 
 
