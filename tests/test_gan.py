@@ -35,14 +35,8 @@ from training.gan_heads import (
     load_gan,
 )
 from training.gan_metrics import frechet_distance, mean_pairwise_distance
-from training.gan_train import (
-    GANConfig,
-    discriminator_loss,
-    gan_step,
-    generator_loss,
-    r1_penalty,
-    train_gan,
-)
+from training.gan_steps import discriminator_loss, gan_step, generator_loss, r1_penalty
+from training.gan_train import GANConfig, train_gan
 from training.onnx_graph import export_onnx
 
 SIZE = 32
