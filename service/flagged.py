@@ -2,28 +2,24 @@
 
 Two parts, written in this order so that a row never points to a missing image:
 
-1. the image bytes, content-addressed on disk (``root/images/<sha256[:2]>/<sha256>.<ext>``): written
-   to a temporary file in the same folder, fsynced, moved into place with ``os.replace`` and the
-   folder fsynced, so an image is either complete under its real name or absent. Identical frames
-   share one file; an orphan image left by a crash between the two steps is harmless;
+1. the image bytes, content-addressed on disk (``root/images/<sha256[:2]>/<sha256>.<ext>``,
+   :mod:`service.image_files`): complete under their real name or absent. Identical frames share
+   one file; an orphan image left by a crash between the two steps is harmless;
 2. one row per flag in SQLite (WAL journal, ``synchronous=FULL``): committed before ``add`` returns,
    so a flag that was acknowledged to a client survives a SIGKILL or a power cut.
 
 Thread-safe (one SQLite connection per thread) and safe across worker processes (WAL + a busy
 timeout serialise writers; readers never block). Reviewed flags are exported as a labelled folder
-that ``edgecase train --data`` reads: frames reviewed as normal go back into the normal training set.
+that ``edgecase train --data`` reads (:mod:`service.flagged_export`).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import json
 import math
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,18 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from service.image_files import MEDIA_TYPES, ImageFiles, fsync_dir, normalise_ext
+
 ReviewState = Literal["unreviewed", "edge_case", "normal"]
 ReviewLabel = Literal["edge_case", "normal"]
 REVIEW_STATES: tuple[str, ...] = get_args(ReviewState)
 REVIEW_LABELS: tuple[str, ...] = get_args(ReviewLabel)
-
-MEDIA_TYPES: dict[str, str] = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-}
-"""Image extensions the store accepts, with the media type the image route answers with."""
 
 DB_FILE = "flagged.sqlite"
 BUSY_TIMEOUT_MS = 30_000
@@ -151,22 +141,6 @@ def _epoch(when: datetime | float | None) -> float | None:
     return when.timestamp()
 
 
-def _normalise_ext(ext: str) -> str:
-    ext = ext.lower().lstrip(".")
-    if ext not in MEDIA_TYPES:
-        raise ValueError(f"image extension {ext!r} is not one of {', '.join(MEDIA_TYPES)}")
-    return "jpg" if ext == "jpeg" else ext
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FlaggedStore:
     """Flagged frames on disk (content-addressed images) plus one SQLite row per flag.
 
@@ -175,14 +149,12 @@ class FlaggedStore:
 
     def __init__(self, root: Path | str, db_path: Path | str | None = None) -> None:
         self.root = Path(root)
-        self.images_dir = self.root / "images"
+        self.images = ImageFiles(self.root / "images")
         self.db_path = Path(db_path) if db_path is not None else self.root / DB_FILE
-        self.images_dir.mkdir(parents=True, exist_ok=True)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._known_dirs: set[Path] = set()
         self._closed = False
         self._queue_lock = threading.Lock()  # guards _queued
         self._commit_lock = threading.Lock()  # one group commit at a time (per process)
@@ -243,42 +215,6 @@ class FlaggedStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- images ------------------------------------------------------------------------------
-
-    def _image_file(self, sha256: str, ext: str) -> Path:
-        return self.images_dir / sha256[:2] / f"{sha256}.{ext}"
-
-    def _write_image(self, data: bytes, ext: str) -> tuple[str, Path]:
-        """Store ``data`` once under its sha256; returns ``(digest, the folder holding it)``.
-
-        The file itself is fsynced before its rename; the caller fsyncs the returned folders (once per
-        folder for a whole batch) before committing rows that point to these images.
-        """
-        sha256 = hashlib.sha256(data).hexdigest()
-        final = self._image_file(sha256, ext)
-        folder = final.parent
-        if folder not in self._known_dirs:
-            if not folder.is_dir():
-                folder.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.images_dir)
-            self._known_dirs.add(folder)
-        if final.is_file() and final.stat().st_size == len(data):
-            # Same bytes already stored (content-addressed): only ever renamed in after an fsync. The
-            # folder is still synced, in case the process that renamed it died before doing so.
-            return sha256, folder
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{sha256[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        return sha256, folder
-
     # -- writing -----------------------------------------------------------------------------
 
     def add(
@@ -313,11 +249,11 @@ class FlaggedStore:
                 metadata_json = json.dumps(dict(flag.metadata), sort_keys=True, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
-            prepared.append((flag, data, _normalise_ext(flag.ext), metadata_json))
+            prepared.append((flag, data, normalise_ext(flag.ext), metadata_json))
         # Images first: a row committed below must never point to a file that is not durable yet.
         # Several images are written (and fsynced) in parallel: fsync waits on the disk, not the CPU.
-        written = self._map(lambda item: self._write_image(item[1], item[2]), prepared)
-        self._map(_fsync_dir, sorted({folder for _, folder in written}))  # renames durable before rows
+        written = self._map(lambda item: self.images.write(item[1], item[2]), prepared)
+        self._map(fsync_dir, sorted({folder for _, folder in written}))  # renames durable before rows
         rows = [
             (flag, sha256, ext, metadata_json)
             for (flag, _, ext, metadata_json), (sha256, _) in zip(prepared, written, strict=True)
@@ -493,12 +429,12 @@ class FlaggedStore:
     def image_path(self, flag_id: int) -> Path:
         """The file holding a flag's image; ``FlaggedNotFoundError`` for an unknown id."""
         record = self.get(flag_id)
-        return self._image_file(record.image_sha256, record.image_ext)
+        return self.images.path(record.image_sha256, record.image_ext)
 
     def read_image(self, flag_id: int) -> tuple[bytes, str]:
         """A flag's image bytes and media type."""
         record = self.get(flag_id)
-        return self._image_file(record.image_sha256, record.image_ext).read_bytes(), record.media_type
+        return self.images.path(record.image_sha256, record.image_ext).read_bytes(), record.media_type
 
     def count(self) -> int:
         """Number of flags (rows), however many distinct images they share."""
@@ -507,72 +443,8 @@ class FlaggedStore:
     # -- export ------------------------------------------------------------------------------
 
     def export(self, review: str, out: Path | str, *, overwrite: bool = False) -> int:
-        """Write the flags in one review state as a labelled folder for ``edgecase train --data``.
+        """Write the flags in one review state as a labelled folder for ``edgecase train --data``
+        (:func:`service.flagged_export.export_flags`); returns the frames written."""
+        from service.flagged_export import export_flags
 
-        Frames go to ``out/<key>.png`` with keys ``<split>/<family>/<family>_<id:06d>`` (the flag id
-        of the first flag of that image) and ``out/labels.csv`` lists them (docs/architecture.md):
-        reviewed ``normal`` -> split ``train``, family ``normal``, strength 0 (back into the normal
-        training set); ``edge_case`` and ``unreviewed`` (flagged by the model, not yet confirmed) ->
-        split ``test``, family ``edge_case``, strength 1. A frame flagged several times is written
-        once. ``out/flagged_export.json`` records where every frame came from. Returns the frames
-        written; refuses an ``out`` that already holds a labels.csv unless ``overwrite``.
-        """
-        from contract.frames import FrameDecodeError, decode_frame, encode_png
-        from contract.labels import LABELS_FILENAME, LabelRow, write_labels
-        from contract.writers import open_writer
-
-        if review not in REVIEW_STATES:
-            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, got {review!r}")
-        out = Path(out)
-        if (out / LABELS_FILENAME).exists() and not overwrite:
-            raise FileExistsError(f"{out / LABELS_FILENAME} already exists; choose an empty folder")
-        split, family = ("train", "normal") if review == "normal" else ("test", "edge_case")
-        strength = 0.0 if review == "normal" else 1.0
-        seen: set[str] = set()
-        labels: list[LabelRow] = []
-        provenance: list[dict[str, Any]] = []
-        with open_writer(out, "dir", split) as writer:
-            for record in self._iter_review(review):
-                if record.image_sha256 in seen:
-                    continue
-                seen.add(record.image_sha256)
-                data = self._image_file(record.image_sha256, record.image_ext).read_bytes()
-                if record.image_ext != "png":
-                    try:
-                        data = encode_png(decode_frame(data))
-                    except FrameDecodeError as exc:
-                        raise ValueError(f"flag {record.id}: stored image is unreadable: {exc}") from exc
-                key = f"{split}/{family}/{family}_{record.id:06d}"
-                path = writer.write(key, data, {})
-                labels.append(LabelRow(key=key, path=path, split=split, family=family, strength=strength))
-                provenance.append({"key": key, "flag_id": record.id, **_provenance(record)})
-        manifest = {"store": str(self.root), "review": review, "frames": provenance}
-        tmp = out / f".flagged_export.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "flagged_export.json")
-        # labels.csv last: its presence says the folder is complete.
-        write_labels(out, labels)
-        return len(labels)
-
-    def _iter_review(self, review: str, page: int = 500) -> Iterator[FlaggedRecord]:
-        """Every flag in one review state, oldest first, a page at a time (bounded memory)."""
-        offset = 0
-        while True:
-            records, _ = self.list(review=review, limit=page, offset=offset, newest_first=False)
-            if not records:
-                return
-            offset += len(records)
-            yield from records
-
-
-def _provenance(record: FlaggedRecord) -> dict[str, Any]:
-    """Where an exported frame came from (kept beside the export, in flagged_export.json)."""
-    return {
-        "model": record.model,
-        "version": record.version,
-        "score": record.score,
-        "p_value": record.p_value,
-        "client_key": record.key,
-        "image_sha256": record.image_sha256,
-        "review": record.review,
-    }
+        return export_flags(self, review, out, overwrite=overwrite)

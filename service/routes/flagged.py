@@ -18,13 +18,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.errors import NotFoundError, NotReadyError, error_responses
 from service.flagged import (
-    MEDIA_TYPES,
     FlaggedNotFoundError,
     FlaggedRecord,
     FlaggedStore,
     ReviewLabel,
     ReviewState,
 )
+from service.image_files import MEDIA_TYPES
 
 router = APIRouter(tags=["flagged"])
 
