@@ -76,7 +76,7 @@ def scored_variant(name: str, graph: Any, run_dir: Path, frames: np.ndarray, fam
     from training.calibrate import calibrate_scores
     from training.combo_heads import pseudo_auroc
     from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
-    from training.local_heads import run_normals
+    from training.runs import run_normals
 
     val = run_normals(run_dir, "val")
     calibration = calibrate_scores(score_with_maps(graph, val)[0], head=name)
@@ -126,7 +126,7 @@ def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any], ensemble: 
     """
     from training.combo_heads import pseudo_auroc
     from training.graphs import build_score_graph
-    from training.local_heads import run_normals
+    from training.runs import run_normals
 
     lines = ["| head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]
     for kind, run in run_dirs.items():
@@ -155,7 +155,7 @@ def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
     """Markdown lines: protocol AUROC of each patch head and its ablations (how settings are chosen)."""
     from training.combo_heads import pseudo_auroc
     from training.graphs import build_score_graph
-    from training.local_heads import run_normals
+    from training.runs import run_normals
 
     lines = ["| patch head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]
     for kind, run in run_dirs.items():

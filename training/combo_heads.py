@@ -365,7 +365,7 @@ def fit_combo(
     fingerprint of them) or the candidate list does.
     """
     from training.calibrate import score_frames
-    from training.local_heads import run_normals
+    from training.runs import run_normals
 
     fingerprint = graphs_fingerprint(graphs)
     if cache.is_file():

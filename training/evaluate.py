@@ -148,8 +148,7 @@ def evaluate_run(
     from training.calibrate import calibrate_graph, graph_fingerprint, load_calibration
     from training.data import load_labelled_frames
     from training.graphs import available_heads, build_score_graph
-    from training.local_heads import run_normals
-    from training.runs import load_config
+    from training.runs import load_config, run_normals
 
     config = load_config(run_dir)
     size = int(config["size"])

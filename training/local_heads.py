@@ -408,6 +408,8 @@ def build_patch_graph(
             cells = (saved["cell_center"], saved["cell_scale"]) if cell_norm else (None, None)
             return PatchDistanceGraph(features, saved["bank"], tuple(saved["grid"]), *cells).eval()
         log.info("%s: settings changed, rebuilding the bank", cache)
+    from training.runs import split_train_normals
+
     normals, held_out = split_train_normals(run_dir, bank_frames, MAX_CELL_FRAMES if cell_norm else 0)
     bank, grid = build_bank(
         features,
@@ -463,49 +465,3 @@ def early_network(run_dir: Path, kind: str, *, random_init: bool = False) -> tup
             vae = VAE(**vae.config()).eval()
         return vae.encoder, config
     raise ValueError(f"no patch head for run kind {kind!r}; valid: gan, vae")
-
-
-def split_train_normals(
-    run_dir: str | Path, n_first: int, n_second: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
-    """Two disjoint seeded subsets of a run's training normals (bank frames, held-out frames).
-
-    When the run has fewer than ``n_first + n_second`` frames the held-out set gets at most a quarter
-    of them and the bank the rest, so small runs still have both.
-    """
-    from training.runs import load_config
-
-    frames = run_normals(run_dir, "train")
-    seed = int(load_config(run_dir).get("seed", 0))
-    if n_first + n_second > len(frames):
-        n_second = min(n_second, len(frames) // 4)
-        n_first = len(frames) - n_second
-    order = np.random.default_rng(seed).permutation(len(frames))
-    first = np.sort(order[:n_first])
-    second = np.sort(order[n_first : n_first + n_second])
-    return frames[first], frames[second]
-
-
-def run_normals(run_dir: str | Path, split: str, limit: int | None = None) -> npt.NDArray[np.uint8]:
-    """Normal frames of a run's own data (``train`` or ``val`` split), at the run's image size.
-
-    Reads the sources named in ``RUN_DIR/config.json`` with the run's seed, so the split is the one
-    the run trained on. ``limit`` caps the frames (a seeded subset for ``train``).
-    """
-    from training.data import load_training_frames
-    from training.runs import load_config
-
-    config = load_config(run_dir)
-    sources = config.get("data")
-    if not sources:
-        raise ValueError(f"{run_dir}/config.json names no data sources")
-    sources = [sources] if isinstance(sources, str) else list(sources)
-    seed = int(config.get("seed", 0))
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data = load_training_frames(sources, int(config["size"]), seed=seed)
-    frames = data.train if split == "train" else data.val
-    if limit is not None and len(frames) > limit:
-        pick = np.sort(np.random.default_rng(seed).choice(len(frames), limit, replace=False))
-        frames = frames[pick]
-    return frames

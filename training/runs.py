@@ -6,6 +6,9 @@
     RUN_DIR/history.jsonl    one JSON line per epoch
     RUN_DIR/plots/*.png
 
+The run's own normal frames (its train / val split, re-read from the sources in config.json) come
+from :func:`run_normals`: every head built after training (banks, seg nets, combos) uses them.
+
 Like nanoGPT, the config travels inside model.pt, so an artefact always knows how it was made.
 Checkpoint and model files are written to a temporary name and renamed, so a crash mid-write never
 leaves a truncated file under the final name.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 CONFIG = "config.json"
@@ -190,3 +194,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def split_train_normals(
+    run_dir: str | Path, n_first: int, n_second: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Two disjoint seeded subsets of a run's training normals (bank frames, held-out frames).
+
+    When the run has fewer than ``n_first + n_second`` frames the held-out set gets at most a quarter
+    of them and the bank the rest, so small runs still have both.
+    """
+    frames = run_normals(run_dir, "train")
+    seed = int(load_config(run_dir).get("seed", 0))
+    if n_first + n_second > len(frames):
+        n_second = min(n_second, len(frames) // 4)
+        n_first = len(frames) - n_second
+    order = np.random.default_rng(seed).permutation(len(frames))
+    first = np.sort(order[:n_first])
+    second = np.sort(order[n_first : n_first + n_second])
+    return frames[first], frames[second]
+
+
+def run_normals(run_dir: str | Path, split: str, limit: int | None = None) -> npt.NDArray[np.uint8]:
+    """Normal frames of a run's own data (``train`` or ``val`` split), at the run's image size.
+
+    Reads the sources named in ``RUN_DIR/config.json`` with the run's seed, so the split is the one
+    the run trained on. ``limit`` caps the frames (a seeded subset for ``train``).
+    """
+    from training.data import load_training_frames
+
+    config = load_config(run_dir)
+    sources = config.get("data")
+    if not sources:
+        raise ValueError(f"{run_dir}/config.json names no data sources")
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    seed = int(config.get("seed", 0))
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data = load_training_frames(sources, int(config["size"]), seed=seed)
+    frames = data.train if split == "train" else data.val
+    if limit is not None and len(frames) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(frames), limit, replace=False))
+        frames = frames[pick]
+    return frames

@@ -311,8 +311,7 @@ def build_seg_graph(run_dir: str | Path, kind: str, width: int = WIDTH) -> SegGr
     Raises :class:`training.graphs.HeadUnavailable` for a run trained with ``--seg-steps 0``.
     """
     from training.graphs import HeadUnavailable
-    from training.local_heads import run_normals
-    from training.runs import load_config
+    from training.runs import load_config, run_normals
 
     run_dir = Path(run_dir)
     config = load_config(run_dir)

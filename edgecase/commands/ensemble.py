@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
     from training.calibrate import calibrate_run
     from training.ensemble import HEAD, create_ensemble
-    from training.local_heads import run_normals
+    from training.runs import run_normals
 
     try:
         out = create_ensemble(args.members, args.out)
