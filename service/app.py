@@ -2,7 +2,9 @@
 
 Nothing is created at import. At startup the lifespan makes the metrics, the model registry and pool,
 and the flagged store, then loads and warms the models *in the background*: `/healthz` answers at once,
-`/readyz` and `/score` answer 503 until the default model is warm. A poller then looks for new versions
+`/readyz` answers 503 until the default model is warm; `/score` waits for that startup load (at most
+`startup_wait_s`, then 503), since with several workers a ready worker may have answered the readiness
+probe while this one still warms up. A poller then looks for new versions
 every `reload_poll_s` seconds (`POST /admin/reload` does the same on demand). On shutdown, queued
 requests finish before the worker threads stop.
 

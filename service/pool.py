@@ -11,6 +11,7 @@ one keeps serving. Versions asked for explicitly (`?version=N`) are loaded on fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ class ModelPool:
         self._pinned: dict[tuple[str, int], Serving] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (poller, admin endpoint, ?version=)
         self.ready = False
+        self._starting: asyncio.Event | None = None  # set while start() runs, cleared when it ends
 
     @property
     def default_name(self) -> str | None:
@@ -112,7 +114,11 @@ class ModelPool:
 
     async def start(self) -> ReloadReport:
         """Load and warm the highest good version of every model; ready once the default one serves."""
-        report = await self.refresh()
+        self._starting = asyncio.Event()
+        try:
+            report = await self.refresh()
+        finally:
+            self._starting.set()
         if not self.ready:
             log.warning(
                 "not ready: no servable %s in %s (refused: %s); polling continues",
@@ -143,6 +149,10 @@ class ModelPool:
 
     async def resolve(self, name: str | None, version: int | None) -> Serving:
         """The version that answers `?model=name&version=version` (None = defaults); 404/503 otherwise."""
+        if not self.ready and self._starting is not None and not self._starting.is_set():
+            # Startup load in progress: wait for it rather than fail a request the next second would serve.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._starting.wait(), self.settings.startup_wait_s)
         if not self.ready:
             raise NotReadyError("models are still loading and warming up", retry_after_s=2)
         name = name or self.default_name

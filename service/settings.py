@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1], description="batch sizes run once before a version serves"
     )
+    startup_wait_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="a scoring request that arrives while this worker is still loading its models at "
+        "startup waits this long for them before answering 503 (with several workers, /readyz may be "
+        "answered by a worker that is ready while another is still warming up)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys", "providers", "warmup_batch_sizes", mode="before")
