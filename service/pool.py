@@ -101,7 +101,7 @@ class ModelPool:
         self._pinned: dict[tuple[str, int], Serving] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (poller, admin endpoint, ?version=)
         self.ready = False
-        self._starting: asyncio.Event | None = None  # set while start() runs, cleared when it ends
+        self._starting: asyncio.Event | None = None  # None: not started; set once start()'s load ends
 
     @property
     def default_name(self) -> str | None:

@@ -161,48 +161,40 @@ def test_two_workers_both_move_to_a_new_version_by_polling_under_load(tmp_path: 
     assert set(load.versions[settled:]) == {2}
 
 
-def slow_start_pool(repo: Path, delay_s: float, startup_wait_s: float) -> ModelPool:
-    """A pool over ``repo`` whose startup load takes ``delay_s`` longer than it needs to."""
+def resolve_during_a_slow_start(repo: Path, delay_s: float, startup_wait_s: float) -> int:
+    """Start a pool over ``repo`` whose startup load takes ``delay_s`` longer than it needs to, ask it
+    for the default model while that load runs, and return the version that answers."""
     settings = Settings(repo=repo, startup_wait_s=startup_wait_s, providers=["CPUExecutionProvider"])
-    registry = ModelRegistry(repo, providers=settings.providers)
-    pool = ModelPool(registry, settings, Metrics(CollectorRegistry()))
-    refresh = pool.refresh
 
-    async def slow_refresh() -> ReloadReport:
-        await asyncio.sleep(delay_s)
-        return await refresh()
+    async def scenario() -> int:
+        registry = ModelRegistry(repo, providers=settings.providers)
+        pool = ModelPool(registry, settings, Metrics(CollectorRegistry()))
+        refresh = pool.refresh
 
-    pool.refresh = slow_refresh  # type: ignore[method-assign]
-    return pool
+        async def slow_refresh() -> ReloadReport:
+            await asyncio.sleep(delay_s)
+            return await refresh()
+
+        pool.refresh = slow_refresh  # type: ignore[method-assign]
+        start = asyncio.create_task(pool.start())
+        await asyncio.sleep(0.05)
+        assert not pool.ready
+        try:
+            return (await pool.resolve(None, None)).model.version
+        finally:
+            await start
+            await pool.close()
+
+    return asyncio.run(scenario())
 
 
 def test_a_request_during_the_startup_load_waits_for_it_instead_of_failing(tmp_path: Path) -> None:
     # With several workers, /readyz can be answered by a ready worker while another still warms up.
     publish_model(tmp_path, "bright", 1)
-
-    async def scenario() -> int:
-        pool = slow_start_pool(tmp_path, delay_s=0.5, startup_wait_s=10.0)
-        start = asyncio.create_task(pool.start())
-        await asyncio.sleep(0.05)
-        assert not pool.ready
-        serving = await pool.resolve(None, None)
-        await start
-        await pool.close()
-        return serving.model.version
-
-    assert asyncio.run(scenario()) == 1
+    assert resolve_during_a_slow_start(tmp_path, delay_s=0.5, startup_wait_s=10.0) == 1
 
 
 def test_a_startup_load_slower_than_the_wait_still_answers_not_ready(tmp_path: Path) -> None:
     publish_model(tmp_path, "bright", 1)
-
-    async def scenario() -> None:
-        pool = slow_start_pool(tmp_path, delay_s=1.0, startup_wait_s=0.1)
-        start = asyncio.create_task(pool.start())
-        await asyncio.sleep(0.05)
-        with pytest.raises(NotReadyError):
-            await pool.resolve(None, None)
-        await start
-        await pool.close()
-
-    asyncio.run(scenario())
+    with pytest.raises(NotReadyError):
+        resolve_during_a_slow_start(tmp_path, delay_s=1.0, startup_wait_s=0.1)

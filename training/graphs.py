@@ -235,6 +235,5 @@ def default_head(kind: str) -> str:
 
 def default_head_of(run_dir: str | Path) -> str:
     """The best head this run has (``edgecase export`` without ``--head``)."""
-    kind = run_kind(run_dir)
-    heads = set(available_heads(run_dir))
-    return next((h for h in _DEFAULT_HEADS[kind] if h in heads), available_heads(run_dir)[0])
+    heads = available_heads(run_dir)
+    return next((h for h in _DEFAULT_HEADS[run_kind(run_dir)] if h in heads), heads[0])
