@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,18 @@ SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 """File extensions the folder readers pick up (lower case; matched case-insensitively)."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+"""The formats the API promises (Pillow's names). Nothing else is opened: TIFF, PSD, EPS, ICO and
+JPEG 2000 bring large, rarely exercised decoders and are not what a camera pipeline uploads."""
+
+CONTENT_TYPE_FORMATS: dict[str, str] = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/webp": "WEBP",
+}
+"""Declared content type -> the format the bytes must then be."""
 
 # What Pillow raises on bad input (its fuzzers accept exactly these as "clean" failures).
 _PILLOW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -51,24 +64,57 @@ class FrameDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_frame(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.NDArray[np.uint8]:
-    """Decode PNG/JPEG/WebP (or anything Pillow opens) into an RGB uint8 ``(H, W, 3)`` array.
+@dataclass(frozen=True)
+class FrameHeader:
+    """What an image's header says, read without decoding any pixel data."""
+
+    width: int
+    height: int
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe_frame(
+    data: bytes, *, formats: tuple[str, ...] = ALLOWED_FORMATS, content_type: str | None = None
+) -> FrameHeader:
+    """Read the header only: size and format, so limits are checked before any decode.
+
+    Raises ``FrameDecodeError`` for empty or unrecognised bytes, a format outside ``formats``, or
+    bytes whose format is not the declared ``content_type`` (e.g. a TIFF sent as ``image/png``).
+    """
+    with _open(data, formats, content_type) as image:
+        return FrameHeader(int(image.size[0]), int(image.size[1]), str(image.format))
+
+
+def decode_frame(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] = ALLOWED_FORMATS,
+    content_type: str | None = None,
+    draft_size: int | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Decode PNG, JPEG or WebP into an RGB uint8 ``(H, W, 3)`` array.
 
     Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB; alpha is dropped, not
     composited. Only the first frame of an animation is used and EXIF orientation is ignored.
-    Raises ``FrameDecodeError`` for empty, corrupt, truncated or oversized (> ``max_pixels``) input.
+    ``draft_size`` (the model's input side) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's
+    draft mode, a DCT-domain reduction) as long as its shorter side stays at least ``draft_size``:
+    a 1080p frame for a 64-pixel model decodes at 240x135 instead of 1920x1080, which is most of
+    its decode time and all of its memory. Use :func:`decode_resized` to get a model input.
+    Raises ``FrameDecodeError`` for empty, corrupt, truncated, oversized (> ``max_pixels``) input, a
+    format outside ``formats``, or bytes that are not the declared ``content_type``.
     Pillow's own bomb guard (a warning above ~89 M pixels, an error above ~179 M) still applies,
     so a ``max_pixels`` above those limits does not let larger images through.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"decode_frame expects bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise FrameDecodeError("empty file (0 bytes)")
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     try:
         # Image.open reads only the header: the size check below happens before pixel decoding.
-        with Image.open(io.BytesIO(data)) as image:
+        with _open(data, formats, content_type) as image:
             width, height = image.size
             if width < 1 or height < 1:
                 raise FrameDecodeError(f"image has no pixels ({width}x{height})")
@@ -77,16 +123,62 @@ def decode_frame(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.ND
                     f"image too large: {width}x{height} = {width * height:,} pixels "
                     f"exceeds the limit of {max_pixels:,} (possible decompression bomb)"
                 )
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (int(draft_size), int(draft_size)))
             image.load()
             return _to_rgb_array(image)
     except FrameDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise FrameDecodeError(f"not a recognised image format ({len(data)} bytes)") from exc
     except _PILLOW_DECODE_ERRORS as exc:
         raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc
+
+
+def decode_resized(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] = ALLOWED_FORMATS,
+    content_type: str | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Bytes to a ``size x size`` model input: the one decode (with JPEG draft) then the one resize rule.
+
+    Every path that turns bytes into a model input (readers, the service, batch scoring) calls this,
+    so a frame scores the same wherever it is scored. Only one frame's full-size pixels are alive at
+    a time per caller.
+    """
+    frame = decode_frame(
+        data, max_pixels=max_pixels, formats=formats, content_type=content_type, draft_size=size
+    )
+    return resize_frame(frame, size)
+
+
+def _open(data: bytes, formats: tuple[str, ...], content_type: str | None) -> Image.Image:
+    """Open the header of ``data`` allowing only ``formats`` (and the declared type's format)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"decoding expects bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise FrameDecodeError("empty file (0 bytes)")
+    expected = None
+    if content_type is not None:
+        expected = CONTENT_TYPE_FORMATS.get(content_type.split(";")[0].strip().lower())
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(formats))
+    except UnidentifiedImageError as exc:
+        allowed = ", ".join(formats)
+        raise FrameDecodeError(
+            f"not a recognised image format ({len(data)} bytes; accepted: {allowed})"
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
+    except _PILLOW_DECODE_ERRORS as exc:
+        raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc
+    if expected is not None and image.format != expected:
+        image.close()
+        raise FrameDecodeError(f"declared {content_type} but the bytes are {image.format}")
+    return image
 
 
 def _to_rgb_array(image: Image.Image) -> npt.NDArray[np.uint8]:

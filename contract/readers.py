@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from contract.frames import DEFAULT_MAX_PIXELS, SUPPORTED_IMAGE_EXTENSIONS, decode_frame, resize_frame
+from contract.frames import DEFAULT_MAX_PIXELS, SUPPORTED_IMAGE_EXTENSIONS, decode_frame, decode_resized
 from contract.labels import LABELS_FILENAME, LabelsError, read_labels
 
 logger = logging.getLogger(__name__)
@@ -171,12 +171,13 @@ class _Reader:
     def make_frame(self, key: str, data: bytes, meta: dict[str, Any], source: str) -> Frame | None:
         """Decode (and resize) one frame, or record why not."""
         try:
-            image = decode_frame(data, max_pixels=self.max_pixels)
+            if self.size is None:
+                image = decode_frame(data, max_pixels=self.max_pixels)
+            else:
+                image = decode_resized(data, self.size, max_pixels=self.max_pixels)
         except ValueError as exc:  # FrameDecodeError, and anything else ValueError-shaped
             self.report.add_frame_error(source, key, str(exc))
             return None
-        if self.size is not None:
-            image = resize_frame(image, self.size)
         self.report.ok += 1
         return Frame(key=key, image=image, meta=meta, source=source)
 
@@ -373,7 +374,7 @@ def iter_frames(
     """Iterate over every decodable frame of ``sources`` in a deterministic order.
 
     ``sources``: a folder, ``.tar``, ``.parquet`` or image file, or a list of them (read in the
-    order given). ``size`` resizes by the one rule (``contract.frames.resize_frame``); ``keys``
+    order given). ``size`` resizes by the one rule (``contract.frames.decode_resized``); ``keys``
     keeps only frames whose key is in it (e.g. one split from labels.csv); ``report`` collects
     counts and errors. Arguments are checked at the call, not at the first ``next``: raises
     ``FileNotFoundError`` for a source that does not exist (a typo should stop a run; bad data
