@@ -8,9 +8,9 @@ batch, and `service.errors.error_response` puts it in error bodies and headers. 
 access log line (method, route template, status, duration), which is why `edgecase serve` turns
 uvicorn's own access log off.
 
-The context variable is set and deliberately not reset: uvicorn runs each request in its own task
-(its own copy of the context), and Starlette's outermost `ServerErrorMiddleware` answers an unhandled
-exception only after the exception has left this middleware; it must still see the id.
+The context variable is reset when the request completes, except when an exception leaves the app:
+Starlette's outermost `ServerErrorMiddleware` answers it only after it has left this middleware and
+must still see the id (uvicorn runs each request in its own task, so nothing leaks to the next one).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         context = RequestContext(request_id_from(scope.get("headers", [])))
-        _current.set(context)
+        token = _current.set(context)
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
 
@@ -99,8 +99,10 @@ class RequestContextMiddleware:
                     headers.append(REQUEST_ID_HEADER, context.request_id)
             await send(message)
 
+        completed = False
         try:
             await self.app(scope, receive, send_with_id)
+            completed = True
         finally:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
@@ -114,3 +116,5 @@ class RequestContextMiddleware:
                 duration * 1000,
                 extra={"method": scope["method"], "route": route, "status": status, "duration": duration},
             )
+            if completed:
+                _current.reset(token)

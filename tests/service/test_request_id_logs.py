@@ -20,7 +20,7 @@ from service_helpers import publish_model, running_server, solid_png, wait_until
 
 from service.app import create_app
 from service.logs import JsonLineFormatter, RequestContextFilter, TextFormatter
-from service.request_context import request_id_from
+from service.request_context import current_request_id, request_id_from
 from service.settings import Settings
 
 JSON_FIELDS = {"time", "level", "logger", "message", "request_id", "model", "version"}
@@ -116,6 +116,20 @@ def test_an_unhandled_exception_still_answers_with_the_request_id() -> None:
     assert response.status_code == 500
     assert response.headers["X-Request-ID"] == "bug-1"
     assert response.json()["error"] == "internal_error" and response.json()["request_id"] == "bug-1"
+
+
+def test_a_served_request_leaves_no_id_behind() -> None:
+    """httpx's ASGI transport runs the app in the caller's task: later lines there must not inherit it."""
+    app = create_app(Settings())
+
+    async def get_then_look() -> tuple[httpx.Response, str | None]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/healthz", headers={"X-Request-ID": "done-1"})
+        return response, current_request_id()
+
+    response, left_behind = asyncio.run(get_then_look())
+    assert response.headers["X-Request-ID"] == "done-1" and left_behind is None
 
 
 def test_a_client_id_is_kept_only_when_it_is_plain() -> None:
