@@ -28,9 +28,11 @@ from edgecase import __version__
 from service.auth import require_api_key
 from service.decoding import ScoreJSONRequest
 from service.errors import error_responses, install_error_handlers
+from service.logs import configure_service_logging
 from service.metrics import Metrics, mark_process_dead
 from service.pool import ModelPool
 from service.registry import ModelRegistry
+from service.request_context import RequestContextMiddleware
 from service.routes import ops, score
 from service.settings import Settings, get_settings
 
@@ -49,6 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
+    # Added last, so outermost of ours: every response, rejections by inner middlewares included,
+    # carries X-Request-ID and every log line of the request has its id.
+    app.add_middleware(RequestContextMiddleware)
     app.include_router(ops.router)
     app.include_router(score.router)
     _include_flagged_routes(app)
@@ -83,7 +88,7 @@ def _open_store(settings: Settings) -> Any:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    _configure_logging(settings.log_level)
+    configure_service_logging(settings.log_format, settings.log_level)
     metrics = Metrics()
     registry = ModelRegistry(
         settings.repo, providers=settings.providers, intra_op_threads=settings.intra_op_threads
@@ -119,16 +124,6 @@ async def _load_then_poll(pool: ModelPool, every_s: float) -> None:
             await pool.refresh()
         except Exception:  # a poll must never kill the poller
             log.exception("model refresh failed; the current versions keep serving")
-
-
-def _configure_logging(level: str) -> None:
-    """Our INFO lines (provider chosen, versions swapped) need a handler; uvicorn sets up only its own."""
-    service_log = logging.getLogger("service")
-    service_log.setLevel(level.upper())
-    if not logging.getLogger().handlers and not service_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        service_log.addHandler(handler)
 
 
 class RequestMetricsMiddleware:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ import numpy.typing as npt
 
 from service.errors import InferenceError, QueueFullError
 from service.metrics import Metrics
+from service.request_context import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class _Pending:
     frames: npt.NDArray[np.uint8]
     future: asyncio.Future[Outputs]
     enqueued_at: float
+    # The X-Request-ID of the request, so the log of the batch that scored it can name it.
+    request_id: str | None = field(default_factory=current_request_id)
     taken: int = 0  # frames handed to batches so far
     done: int = 0  # frames whose outputs are back
     outputs: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
@@ -108,8 +112,9 @@ class Batcher:
     def start(self) -> None:
         """Start the collector task on the running event loop."""
         if self._task is None:
+            # A fresh context: started during a request, the collector must not log as that request.
             self._task = asyncio.get_running_loop().create_task(
-                self._collect(), name=f"batcher-{self.name}-{self.version}"
+                self._collect(), name=f"batcher-{self.name}-{self.version}", context=contextvars.Context()
             )
 
     @contextlib.contextmanager
@@ -228,11 +233,19 @@ class Batcher:
             if wrong:
                 raise ValueError(f"outputs {wrong} do not have one row per frame ({len(batch)})")
         except Exception as exc:  # onnxruntime has its own exception types
-            log.error("model %s/%s failed on a batch of %d: %s", self.name, self.version, len(batch), exc)
+            log.error(
+                "model %s/%s failed on a batch of %d: %s",
+                self.name, self.version, len(batch), exc, extra=self._log_fields(parts),
+            )  # fmt: skip
             self._fail(parts, InferenceError(f"model {self.name} version {self.version} failed: {exc}"))
             return
         elapsed = time.perf_counter() - started
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "scored a batch of %d frames from %d requests in %.1f ms",
+                len(batch), len(parts), elapsed * 1000, extra=self._log_fields(parts),
+            )  # fmt: skip
         if self._metrics is not None:
             self._metrics.inference.labels(**self._labels).observe(elapsed)
             self._metrics.batch_size.labels(**self._labels).observe(len(batch))
@@ -242,6 +255,11 @@ class Batcher:
             if not pending.future.done():
                 self._deliver(pending, outputs, offset, start, count)
             offset += count
+
+    def _log_fields(self, parts: list[tuple[_Pending, int, int]]) -> dict[str, object]:
+        """Log fields of a batch: its model version and the ids of the requests whose frames it holds."""
+        ids = list(dict.fromkeys(p.request_id for p, _, _ in parts if p.request_id is not None))
+        return {"model": self.name, "version": self.version, "request_ids": ids}
 
     @staticmethod
     def _fail(parts: list[tuple[_Pending, int, int]], error: Exception) -> None:

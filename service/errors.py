@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.request_context import REQUEST_ID_HEADER, current_request_id
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,9 @@ class ErrorBody(BaseModel):
     error: str = Field(description="stable error code, e.g. 'corrupt_frame' or 'queue_full'")
     detail: str = Field(description="what went wrong, naming the frame, limit or model concerned")
     frame: str | None = Field(default=None, description="key of the offending frame, when there is one")
+    request_id: str | None = Field(
+        default=None, description="this request's X-Request-ID: quote it when reporting a problem"
+    )
 
 
 class ServiceError(Exception):
@@ -130,7 +135,12 @@ def status_code_of(exc: ServiceError) -> int:
 def error_response(
     status: int, code: str, detail: str, frame: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    body = ErrorBody(error=code, detail=detail, frame=frame)
+    """The ErrorBody response; carries the request id (body and header) when one is being served."""
+    request_id = current_request_id()
+    body = ErrorBody(error=code, detail=detail, frame=frame, request_id=request_id)
+    if request_id is not None:
+        # Also set here because an unhandled exception is answered outside RequestContextMiddleware.
+        headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 

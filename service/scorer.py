@@ -28,6 +28,7 @@ from service.errors import InferenceError, NotReadyError, StoreError
 from service.metrics import Metrics
 from service.pool import ModelPool
 from service.registry import LoadedModel
+from service.request_context import note_model
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ async def score_payloads(
 ) -> ScoreResponse:
     """Decode, resize, batch, score; write edge cases to the store before returning (durable ack)."""
     serving = await pool.resolve(options.model, options.version)
+    note_model(serving.model.name, serving.model.version)
     h, w, _ = serving.model.frame_shape
     if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
         # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.

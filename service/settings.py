@@ -79,6 +79,9 @@ class Settings(BaseSettings):
         "answered by a worker that is ready while another is still warming up)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line with the request id"
+    )
 
     @field_validator("api_keys", "providers", "warmup_batch_sizes", mode="before")
     @classmethod
@@ -90,7 +93,7 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

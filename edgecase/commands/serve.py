@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--providers", help="onnxruntime providers, comma-separated (default: CUDA if any, CPU)"
     )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text, or one JSON object per line with request_id, model, version (default text)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -66,6 +71,7 @@ _SETTING_FLAGS = (
     "api_keys",
     "providers",
     "log_level",
+    "log_format",
 )
 
 
@@ -99,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from service.logs import logging_config
+
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -108,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         http=settings.http,
         loop=settings.loop,
         log_level=settings.log_level,
+        # Applied in every worker: uvicorn's own lines in our format; our middleware writes the
+        # access log (with the request id and duration), so uvicorn's is off.
+        log_config=logging_config(settings.log_format, settings.log_level),
+        access_log=False,
     )
     return 0
 

@@ -148,7 +148,7 @@ def test_the_kubernetes_manifest_probes_real_routes_and_keeps_one_store_writer()
     from service.app import create_app
     from service.settings import Settings
 
-    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "edgecase.yaml").read_text())}
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "base" / "edgecase.yaml").read_text())}
     deployment = docs["Deployment"]["spec"]
     # SQLite is safe across one pod's workers, not across pods: one replica, never two at once.
     assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"

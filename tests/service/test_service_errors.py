@@ -38,7 +38,8 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
 def assert_error(response: httpx.Response, status: int, code: str, *words: str) -> dict[str, str]:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) <= {"error", "detail", "frame"} and body["error"] == code, body
+    assert set(body) <= {"error", "detail", "frame", "request_id"} and body["error"] == code, body
+    assert body["request_id"] == response.headers["X-Request-ID"], "errors name their request"
     for word in words:
         assert word in body["detail"], body
     return body
