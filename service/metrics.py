@@ -42,14 +42,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 P_VALUE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
-# Batch runs, pushed to the Pushgateway (grouping labels job, model, version added by the push).
-BATCH_FRAMES = "edgecase_batch_frames"
-BATCH_EDGE_CASES = "edgecase_batch_edge_cases"
-BATCH_ERRORS = "edgecase_batch_errors"
-BATCH_TARGET_FPR = "edgecase_batch_target_fpr"
-BATCH_DURATION = "edgecase_batch_duration_seconds"
-BATCH_LAST_SUCCESS = "edgecase_batch_last_success_timestamp_seconds"
-BATCH_LAST_FAILURE = "edgecase_batch_last_failure_timestamp_seconds"
+# Batch runs (`edgecase score`), pushed to the Pushgateway with grouping labels job, model, version.
+# `batch_run`, not `batch`: `edgecase_batch_size_frames` above is the service's dynamic batching.
+BATCH_FRAMES = "edgecase_batch_run_frames"
+BATCH_EDGE_CASES = "edgecase_batch_run_edge_cases"
+BATCH_ERRORS = "edgecase_batch_run_errors"
+BATCH_TARGET_FPR = "edgecase_batch_run_target_fpr"
+BATCH_DURATION = "edgecase_batch_run_duration_seconds"
+BATCH_LAST_SUCCESS = "edgecase_batch_run_last_success_timestamp_seconds"
+BATCH_LAST_FAILURE = "edgecase_batch_run_last_failure_timestamp_seconds"
 
 
 def multiprocess_dir() -> Path | None:

@@ -139,7 +139,7 @@ def test_the_pushed_names_follow_the_house_naming_rule() -> None:
         names.BATCH_LAST_SUCCESS,
         names.BATCH_LAST_FAILURE,
     ]
-    assert all(name.startswith("edgecase_batch_") for name in pushed_names)
+    assert all(name.startswith("edgecase_batch_run_") for name in pushed_names)
     assert {f.name for f in names.BatchMetrics().registry.collect()} == set(pushed_names)
 
 
@@ -162,3 +162,61 @@ def test_the_dashboard_has_a_batch_row_with_every_pushed_total() -> None:
     for name in (names.BATCH_FRAMES, names.BATCH_EDGE_CASES, names.BATCH_ERRORS, names.BATCH_DURATION):
         assert name in exprs, name
     assert f"time() - {names.BATCH_LAST_SUCCESS}" in exprs
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_the_pushed_run_and_the_dashboard_queries_answer(
+    gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install -y prometheus)")
+    push_run(gateway, {**SUMMARY, "model": "scraped", "version": 2})
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "pushgateway"]
+    job.update(scrape_interval="1s", static_configs=[{"targets": [gateway.removeprefix("http://")]}])
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [job]}
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with open(tmp / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(
+            [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+
+            def query(expr: str) -> list[dict]:
+                try:
+                    answer = httpx.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=2
+                    )
+                    return answer.json()["data"]["result"] if answer.status_code == 200 else []
+                except httpx.HTTPError:
+                    return []
+
+            assert wait_until(
+                lambda: bool(query('edgecase_batch_run_frames{model="scraped"}')), timeout=60
+            ), (tmp / "prometheus.log").read_text()
+            (frames,) = query('edgecase_batch_run_frames{model="scraped"}')
+            # honor_labels: the pushed job survives (not renamed exported_job), next to model and version.
+            assert frames["metric"]["job"] == "edgecase_score" and frames["metric"]["version"] == "2"
+            dashboard = json.loads(
+                (REPO_ROOT / "deploy" / "grafana" / "dashboards" / "edgecase.json").read_text()
+            )
+            batch = [
+                t["expr"]
+                for p in dashboard["panels"]
+                for t in p.get("targets", [])
+                if "edgecase_batch_run_" in t["expr"]
+            ]
+            answers = {e: query(e.replace("$model", "scraped")) for e in batch}
+            assert all(answers.values()), {e: a for e, a in answers.items() if not a}
+            (rate,) = answers[
+                'edgecase_batch_run_edge_cases{model=~"$model"} / edgecase_batch_run_frames{model=~"$model"}'
+            ]
+            assert float(rate["value"][1]) == pytest.approx(17 / 1200)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
