@@ -17,6 +17,8 @@ import numpy.typing as npt
 PSI_BINS = 10
 PSI_FLOOR = 1e-4
 """Smallest share a PSI bin counts with: an empty bin would make ln(a / e) infinite."""
+SHARD_ALERT_P = 1e-3
+"""A shard's edge-case count is called out when its binomial tail is this small (not chance)."""
 
 
 @dataclass(frozen=True)
