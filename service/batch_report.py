@@ -260,8 +260,9 @@ def read_back(frames: Sequence[TopFrame], data: Sequence[Path]) -> list[npt.NDAr
                 found[(source, next(iter(keys)) if single else read.key)] = read.image
         except (OSError, ValueError) as exc:
             report.add_source_error(str(path), str(exc))
-        for _, key, reason in report.errors:
-            found.setdefault((source, key), f"unreadable: {reason}")
+        for _, key, reason in report.errors:  # a loose image's reader key is its stem: use ours
+            for ours in keys if single else [key]:
+                found.setdefault((source, ours), f"unreadable: {reason}")
         for key in keys:
             found.setdefault(
                 (source, key), f"not in {path.name}" + (f": {report.errors[0][2]}" if report.errors else "")

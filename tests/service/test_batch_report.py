@@ -30,7 +30,7 @@ from contract.frames import decode_frame, resize_frame
 from contract.manifest import MODEL_FILE, load_manifest
 from contract.readers import ReadReport, iter_frames
 from edgecase.cli import main
-from service.batch_report import TILE_PX, load_run, read_back, top_frames
+from service.batch_report import TILE_PX, TopFrame, load_run, read_back, top_frames
 from service.registry import ModelRegistry
 
 # Shard a: four dark frames (score 77/255 = 0.302, below every calibration score but the first), two
@@ -255,3 +255,17 @@ def test_without_matplotlib_the_report_says_what_to_install(
     assert main(["report", str(out), "--repo", str(repo)]) == 2
     assert "pip install 'edgecase[report]'" in capsys.readouterr().err
     assert not (out / "report").exists()
+
+
+def test_a_loose_image_source_is_the_frame_itself(tmp_path: Path) -> None:
+    folder = tmp_path / "frames" / "cam0"
+    folder.mkdir(parents=True)
+    (folder / "f_000.png").write_bytes(solid_png(200, 16))
+    (folder / "f_001.png").write_bytes(b"truncated")
+    top = [
+        TopFrame(1, "cam0/f_000", str(folder / "f_000.png"), 0.8, 0.01),
+        TopFrame(2, "cam0/f_001", str(folder / "f_001.png"), 0.7, 0.02),
+    ]
+    good, bad = read_back(top, data=[])
+    assert isinstance(good, np.ndarray) and good.shape == (TILE_PX, TILE_PX, 3) and int(good.mean()) == 200
+    assert isinstance(bad, str) and bad.startswith("unreadable: ")
