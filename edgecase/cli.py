@@ -24,6 +24,7 @@ COMMANDS = [
     "calibrate",
     "serve",
     "score",
+    "report",
     "flagged",
 ]
 

@@ -13,6 +13,9 @@ units (Vovk, Gammerman & Shafer, "Algorithmic Learning in a Random World", 2005;
 for outliers with conformal p-values", Ann. Statist. 2023), so drift shows as mass piling up near 0 on
 one shared set of buckets. The raw score is exported too, in multiples of the
 model's threshold (`edgecase_score_threshold_ratio`, 1.0 = the edge-case line).
+
+Batch runs (`edgecase score --pushgateway URL`) do not serve /metrics: they push `BatchMetrics` to a
+Prometheus Pushgateway once, at the end of the run (`service/batch_push.py`), and Prometheus scrapes it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 P_VALUE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
+
+# Batch runs (`edgecase score`), pushed to the Pushgateway with grouping labels job, model, version.
+# `batch_run`, not `batch`: `edgecase_batch_size_frames` above is the service's dynamic batching.
+BATCH_FRAMES = "edgecase_batch_run_frames"
+BATCH_EDGE_CASES = "edgecase_batch_run_edge_cases"
+BATCH_ERRORS = "edgecase_batch_run_errors"
+BATCH_TARGET_FPR = "edgecase_batch_run_target_fpr"
+BATCH_DURATION = "edgecase_batch_run_duration_seconds"
+BATCH_LAST_SUCCESS = "edgecase_batch_run_last_success_timestamp_seconds"
+BATCH_LAST_FAILURE = "edgecase_batch_run_last_failure_timestamp_seconds"
 
 
 def multiprocess_dir() -> Path | None:
@@ -154,6 +167,35 @@ class Metrics:
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+class BatchMetrics:
+    """One batch run's gauges, on a fresh registry that is pushed once (no process ever serves them)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames = Gauge(BATCH_FRAMES, "Frames the last batch run read (scored or failed)", registry=r)
+        self.edge_cases = Gauge(
+            BATCH_EDGE_CASES,
+            "Frames the last batch run flagged as edge cases (score > threshold)",
+            registry=r,
+        )
+        self.errors = Gauge(
+            BATCH_ERRORS,
+            "Failures in the last batch run: frames that did not score, unreadable shards",
+            registry=r,
+        )
+        self.target_fpr = Gauge(
+            BATCH_TARGET_FPR,
+            "Target false-positive rate of the model version the last batch run used",
+            registry=r,
+        )
+        self.duration = Gauge(BATCH_DURATION, "Wall-clock seconds of the last batch run", registry=r)
+        self.last_success = Gauge(
+            BATCH_LAST_SUCCESS, "Unix time the last successful batch run ended", registry=r
+        )
+        self.last_failure = Gauge(BATCH_LAST_FAILURE, "Unix time the last failed batch run ended", registry=r)
 
 
 def mark_process_dead(pid: int | None = None) -> None:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from service_helpers import REPO_ROOT, free_port, publish_model, running_server, solid_png, wait_until
 
-from service.metrics import Metrics
+from service.metrics import BatchMetrics, Metrics
 
 DEPLOY = REPO_ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -40,10 +40,11 @@ def needs(tool: str) -> str:
 
 
 def exported_series() -> set[str]:
-    """Every series name service/metrics.py can export (histograms: _bucket/_sum/_count; counters: _total)."""
+    """Every series service/metrics.py exports or pushes (histograms _bucket/_sum/_count, counters _total)."""
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    families = [*Metrics().registry.collect(), *BatchMetrics().registry.collect()]
+    for family in families:
         for suffix in suffixes.get(family.type, ("",)):
             names.add(family.name + suffix)
     return names
