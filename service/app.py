@@ -20,14 +20,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgecase import __version__
-from service.auth import require_review
 from service.decoding import ScoreJSONRequest
-from service.errors import error_responses, install_error_handlers
+from service.errors import install_error_handlers
 from service.keys import ApiKey, check_exposure, is_loopback, load_keys
 from service.metrics import Metrics, mark_process_dead
 from service.pool import ModelPool
@@ -68,9 +67,7 @@ def _include_flagged_routes(app: FastAPI) -> None:
             raise
         log.warning("service.routes.flagged is not installed: no /flagged routes")
         return
-    app.include_router(
-        flagged.router, dependencies=[Depends(require_review)], responses=error_responses(401, 403)
-    )
+    app.include_router(flagged.router)  # the router carries its `review` scope (service/routes/flagged.py)
 
 
 def _open_store(settings: Settings) -> Any:
