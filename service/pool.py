@@ -124,7 +124,7 @@ class ModelPool:
         return dict(self._serving)
 
     def not_ready(self) -> dict[str, str]:
-        """ "name/version" -> why, for every loaded version that cannot take requests right now."""
+        """Every loaded version that cannot take requests right now, as "name/version" -> why."""
         return {s.key: reason for s in self._loaded() if (reason := s.not_ready) is not None}
 
     async def start(self) -> ReloadReport:

@@ -303,8 +303,8 @@ class ModelRegistry:
         self.providers = resolve_providers(providers)
         self.intra_op_threads = intra_op_threads
         self.warmup_batch_sizes = list(warmup_batch_sizes)
-        # "name/version" -> refusal. Written only from the pool's single load path (one at a time)
-        # or a CLI's own registry, so no lock.
+        # "name/version" -> refusal. Written only by one load at a time (the pool's lock, or a CLI's own
+        # registry); read through `failures`, which copies it first.
         self._refused: dict[str, Refusal] = {}
 
     def scan(self) -> dict[str, list[int]]:
@@ -325,8 +325,9 @@ class ModelRegistry:
 
     @property
     def failures(self) -> dict[str, str]:
-        """ "name/version" -> why it was refused, for every version refused and not since loaded."""
-        return {key: refusal.reason for key, refusal in self._refused.items()}
+        """Every version refused and not loaded since, as "name/version" -> why."""
+        # dict() copies in one step under the GIL: safe while a load in a worker thread adds to it.
+        return {key: refusal.reason for key, refusal in dict(self._refused).items()}
 
     def load_version(self, name: str, version: int) -> LoadedModel:
         """Load exactly one version (and warm it up, if this registry warms); ModelLoadError, remembered
@@ -388,5 +389,5 @@ class ModelRegistry:
         model_dir = self.repo / name
         if not list_versions(model_dir):
             return f"{model_dir}: no published version (expected integer folders with {MODEL_FILE})"
-        reasons = [r.reason for key, r in self._refused.items() if key.startswith(f"{name}/")]
+        reasons = [why for key, why in self.failures.items() if key.startswith(f"{name}/")]
         return f"{model_dir}: no version could be loaded: " + " | ".join(reasons)

@@ -158,8 +158,8 @@ def test_a_batcher_loop_that_ends_makes_the_version_not_ready_then_it_is_restart
         flagged_dir=tmp_path / "flagged",
         reload_poll_s=0,
         intra_op_threads=1,
-        batcher_restart_s=4.0,  # the not-ready window the test observes
-        batcher_restart_max_s=4.0,
+        batcher_restart_s=6.0,  # the not-ready window the test observes
+        batcher_restart_max_s=6.0,
     )
     app = create_app(settings)
     png = {"content": solid_png(20), "headers": {"Content-Type": "image/png"}}
