@@ -20,14 +20,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgecase import __version__
-from service.auth import require_api_key
 from service.decoding import ScoreJSONRequest
-from service.errors import error_responses, install_error_handlers
+from service.errors import install_error_handlers
+from service.keys import ApiKey, check_exposure, is_loopback, load_keys
 from service.logs import configure_service_logging
 from service.metrics import Metrics, mark_process_dead
 from service.pool import ModelPool
@@ -49,6 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    # Fail closed at startup, not per request: bad key settings, or no keys on a network address.
+    app.state.api_keys = load_keys(settings)
+    check_exposure(settings, app.state.api_keys)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
     # Added last, so outermost of ours: every response, rejections by inner middlewares included,
@@ -69,9 +72,7 @@ def _include_flagged_routes(app: FastAPI) -> None:
             raise
         log.warning("service.routes.flagged is not installed: no /flagged routes")
         return
-    app.include_router(
-        flagged.router, dependencies=[Depends(require_api_key)], responses=error_responses(401)
-    )
+    app.include_router(flagged.router)  # the router carries its `review` scope (service/routes/flagged.py)
 
 
 def _open_store(settings: Settings) -> Any:
@@ -89,9 +90,13 @@ def _open_store(settings: Settings) -> Any:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_service_logging(settings.log_format, settings.log_level)
+    _log_access(settings, app.state.api_keys)
     metrics = Metrics()
     registry = ModelRegistry(
-        settings.repo, providers=settings.providers, intra_op_threads=settings.intra_op_threads
+        settings.repo,
+        providers=settings.providers,
+        intra_op_threads=settings.intra_op_threads,
+        warmup_batch_sizes=settings.warmup_batch_sizes,
     )
     log.info("onnxruntime execution providers: %s (repo %s)", ", ".join(registry.providers), settings.repo)
     pool = ModelPool(registry, settings, metrics)
@@ -124,6 +129,16 @@ async def _load_then_poll(pool: ModelPool, every_s: float) -> None:
             await pool.refresh()
         except Exception:  # a poll must never kill the poller
             log.exception("model refresh failed; the current versions keep serving")
+
+
+def _log_access(settings: Settings, keys: tuple[ApiKey, ...]) -> None:
+    """Say at startup who may call what: the keys' scopes (never the tokens), or that it is open."""
+    if keys:
+        log.info("API keys: %d (%s)", len(keys), ", ".join(key.describe() for key in keys))
+    elif is_loopback(settings.host):
+        log.info("no API keys: open to clients on this machine only (%s)", settings.host)
+    else:
+        log.warning("no API keys, --insecure: anyone who can reach %s may score and relabel", settings.host)
 
 
 class RequestMetricsMiddleware:
@@ -172,7 +187,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = spec.setdefault("components", {}).setdefault("schemas", {})
         components.update(schema.pop("$defs", {}))
         components["ScoreJSONRequest"] = schema
-        if not app.state.settings.api_keys:
+        if not app.state.api_keys:
             _drop_security(spec)  # keys off: no route needs a token, so the spec must not demand one
         app.openapi_schema = spec
     return app.openapi_schema
@@ -184,4 +199,5 @@ def _drop_security(spec: dict[str, Any]) -> None:
             if isinstance(operation, dict):
                 operation.pop("security", None)
                 operation.get("responses", {}).pop("401", None)
+                operation.get("responses", {}).pop("403", None)
     spec.get("components", {}).pop("securitySchemes", None)

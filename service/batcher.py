@@ -15,6 +15,11 @@ while high concurrency still fills batches. `eager=False` gives Triton's rule ex
 The queue is bounded in frames: a request that does not fit answers 429 (`QueueFullError`) at once
 instead of growing memory. `close()` stops taking requests but finishes everything queued, which is
 what a hot swap needs: in-flight requests complete on the old version while new ones go to the new.
+
+Nothing wedges silently: any exception in the collector (taking a batch, concatenating, running,
+delivering rows) fails the requests of the batch in hand with a 500 naming the model, and the loop
+goes on. Should the loop still end without `close()` (cancelled, or a BaseException), every queued
+request is failed at once, `stopped` says why, and `on_stop` tells the owner (the pool restarts it).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import InferenceError, QueueFullError
+from service.errors import InferenceError, NotReadyError, QueueFullError
 from service.metrics import Metrics
 from service.request_context import current_request_id
 
@@ -43,8 +48,8 @@ Outputs = dict[str, npt.NDArray[np.float32]]
 ScoreFn = Callable[[npt.NDArray[np.uint8]], Outputs]
 
 
-class BatcherClosedError(RuntimeError):
-    """The batcher was retired (its version was replaced): look the model up again and resubmit."""
+class BatcherClosedError(NotReadyError):
+    """The batcher was retired (its version was replaced); reaching a client it is a 503 with Retry-After."""
 
 
 @dataclass(eq=False)
@@ -79,6 +84,7 @@ class Batcher:
         max_queue_frames: int = 1024,
         eager: bool = True,
         metrics: Metrics | None = None,
+        on_stop: Callable[[Batcher, str], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_frames < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch_size and max_queue_frames must be >= 1, max_queue_delay_ms >= 0")
@@ -97,6 +103,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._stopped: str | None = None  # why the collector ended without close()
+        self._in_hand: list[tuple[_Pending, int, int]] = []
+        self._on_stop = on_stop
         # One thread per version: session.run calls for one model never compete with each other.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}-{version}")
         self._batch_seconds = 0.01  # running estimate, for Retry-After
@@ -109,6 +118,11 @@ class Batcher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def stopped(self) -> str | None:
+        """Why the collector loop ended although nobody closed this batcher; None while it runs."""
+        return self._stopped
+
     def start(self) -> None:
         """Start the collector task on the running event loop."""
         if self._task is None:
@@ -116,6 +130,7 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._collect(), name=f"batcher-{self.name}-{self.version}", context=contextvars.Context()
             )
+            self._task.add_done_callback(self._collector_ended)
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:
@@ -138,7 +153,9 @@ class Batcher:
             raise ValueError("no frames to score")
         # No await between these checks and the append: the swap logic relies on it.
         if self._closed:
-            raise BatcherClosedError(f"{self.name}/{self.version} is retired")
+            raise BatcherClosedError(f"model {self.name} version {self.version} is retired; retry")
+        if self._stopped is not None:
+            raise NotReadyError(f"model {self.name} version {self.version} is not ready: {self._stopped}")
         if self._task is None:
             raise RuntimeError("Batcher.start() was not called")
         if self._queued_frames + n > self.max_queue_frames and self._queued_frames > 0:
@@ -157,8 +174,9 @@ class Batcher:
         """Refuse new requests, finish every queued one, then stop the worker thread."""
         self._closed = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         self._executor.shutdown(wait=True)
 
     def _retry_after(self) -> int:
@@ -173,50 +191,90 @@ class Batcher:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            # Wait for a full batch or until the oldest frame has waited max_delay (Triton's rule).
-            deadline = self._queue[0].enqueued_at + self.max_delay_s
-            while self._queued_frames < self.max_batch_size and not self._closed:
-                if self.eager and self._incoming == 0:
-                    break  # nobody else is coming: waiting would only add latency
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-            parts = self._take_batch()
-            if parts:
-                await self._run_batch(loop, parts)
+            parts: list[tuple[_Pending, int, int]] = []
+            self._in_hand = parts  # what _collector_ended must fail if the loop dies mid-batch
+            try:
+                if not self._queue:
+                    if self._closed:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                await self._wait_for_batch()
+                self._take_batch(parts)
+                if parts:
+                    await self._run_batch(loop, parts)
+            except Exception as exc:  # anything at all: fail this batch, keep the loop alive
+                log.exception("model %s/%s: a batch failed", self.name, self.version)
+                if not parts and self._queue:  # failed before taking anything: drop the oldest, or spin
+                    oldest = self._queue.popleft()
+                    self._set_depth(self._queued_frames - (oldest.size - oldest.taken))
+                    parts = [(oldest, oldest.taken, oldest.size)]
+                detail = f"model {self.name} version {self.version} failed: {type(exc).__name__}: {exc}"
+                self._fail(parts, InferenceError(detail))
 
-    def _take_batch(self) -> list[tuple[_Pending, int, int]]:
-        """Slices (request, start, stop) adding up to at most max_batch_size frames, oldest first."""
-        parts: list[tuple[_Pending, int, int]] = []
+    async def _wait_for_batch(self) -> None:
+        """Wait for a full batch or until the oldest frame has waited max_delay (Triton's rule)."""
+        deadline = self._queue[0].enqueued_at + self.max_delay_s
+        while self._queued_frames < self.max_batch_size and not self._closed:
+            if self.eager and self._incoming == 0:
+                break  # nobody else is coming: waiting would only add latency
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _collector_ended(self, task: asyncio.Task[None]) -> None:
+        """Done-callback of the collector: after close() this is the normal end; otherwise say so."""
+        if self._closed and not task.cancelled() and task.exception() is None:
+            return
+        if task.cancelled():
+            reason = "its batching loop was cancelled"
+        else:
+            exc = task.exception()
+            reason = f"its batching loop ended: {type(exc).__name__}: {exc}" if exc else "its loop ended"
+        self._stopped = reason
+        log.error("model %s/%s is not serving: %s", self.name, self.version, reason)
+        error = NotReadyError(f"model {self.name} version {self.version} is not ready: {reason}")
+        self._fail(self._in_hand, error)
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._set_depth(0)
+        self._executor.shutdown(wait=False)
+        if self._on_stop is not None and not self._closed:
+            self._on_stop(self, reason)
+
+    def _take_batch(self, parts: list[tuple[_Pending, int, int]]) -> None:
+        """Append slices (request, start, stop) adding up to at most max_batch_size frames, oldest first.
+
+        Appends to the caller's list as it goes, so that if anything fails half-way the caller still
+        knows which requests it had taken and can fail them instead of leaving them waiting.
+        """
         room = self.max_batch_size
         now = time.perf_counter()
         taken = 0
-        while self._queue and room > 0:
-            pending = self._queue[0]
-            if pending.future.done():  # the client went away: drop what is left of its frames
-                self._queue.popleft()
-                taken += pending.size - pending.taken
-                continue
-            if pending.taken == 0 and self._metrics is not None:
-                self._metrics.queue_wait.labels(**self._labels).observe(now - pending.enqueued_at)
-            count = min(room, pending.size - pending.taken)
-            parts.append((pending, pending.taken, pending.taken + count))
-            pending.taken += count
-            room -= count
-            taken += count
-            if pending.taken == pending.size:
-                self._queue.popleft()
-        self._set_depth(self._queued_frames - taken)
-        return parts
+        try:
+            while self._queue and room > 0:
+                pending = self._queue[0]
+                if pending.future.done():  # the client went away: drop what is left of its frames
+                    self._queue.popleft()
+                    taken += pending.size - pending.taken
+                    continue
+                if pending.taken == 0 and self._metrics is not None:
+                    self._metrics.queue_wait.labels(**self._labels).observe(now - pending.enqueued_at)
+                count = min(room, pending.size - pending.taken)
+                parts.append((pending, pending.taken, pending.taken + count))
+                pending.taken += count
+                room -= count
+                taken += count
+                if pending.taken == pending.size:
+                    self._queue.popleft()
+        finally:
+            self._set_depth(self._queued_frames - taken)
 
     async def _run_batch(
         self, loop: asyncio.AbstractEventLoop, parts: list[tuple[_Pending, int, int]]
@@ -233,6 +291,7 @@ class Batcher:
             if wrong:
                 raise ValueError(f"outputs {wrong} do not have one row per frame ({len(batch)})")
         except Exception as exc:  # onnxruntime has its own exception types
+            # Logged here without a traceback: a failing graph is the model's fault, not a bug of ours.
             log.error(
                 "model %s/%s failed on a batch of %d: %s",
                 self.name, self.version, len(batch), exc, extra=self._log_fields(parts),

@@ -73,6 +73,12 @@ class UnauthorizedError(ServiceError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ForbiddenError(ServiceError):
+    """A valid API key without the scope the route needs (e.g. a scoring key on a review route)."""
+
+    code = "forbidden"
+
+
 class NotFoundError(ServiceError):
     code = "not_found"
 
@@ -113,6 +119,7 @@ class StoreError(ServiceError):
 STATUS_CODES: dict[type[ServiceError], int] = {
     BadRequestError: 422,
     UnauthorizedError: 401,
+    ForbiddenError: 403,
     NotFoundError: 404,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
@@ -148,6 +155,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
     """OpenAPI `responses=` entries for these statuses, all with the ErrorBody schema."""
     descriptions = {
         401: "Missing or wrong API key (send `Authorization: Bearer <key>`)",
+        403: "The API key lacks the scope this route needs (score, review or admin)",
         404: "Unknown model, version or resource",
         413: "Body, frame count or pixels per frame over the limit",
         415: "Unsupported Content-Type",

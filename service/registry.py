@@ -5,19 +5,20 @@ A version is loaded only after its manifest parses, the graph file matches the m
 size, and the graph's input and outputs match the manifest's input spec and outputs. Anything else is a
 `ModelLoadError` naming the file and the problem, raised at load time, never per request.
 
-Hot reload: `refresh()` loads versions newer than the one serving; a version that fails to load is
-refused and remembered (published versions are immutable, so it will not get better) while the old
-version keeps serving. Requests that hold a `LoadedModel` keep using it until they finish.
+Which version serves is not decided here: the pool (`service/pool.py`) keeps the one serving table
+and asks `load_newest()` for versions newer than the one it serves. A version that fails is refused
+and remembered with a fingerprint of its files; it is tried again when those files change (a copy
+that was still in progress) or when the caller asks (`POST /admin/reload`).
 
 Thread safety: `InferenceSession.run` is safe to call from many threads on one session (onnxruntime
 documents concurrent Run calls as supported), so one session per version serves every request.
-The registry's own maps are guarded by a lock. No torch and no training imports here.
+No torch and no training imports here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,20 +243,53 @@ def _verify_signature(model_path: Path, session: ort.InferenceSession, manifest:
         raise ModelLoadError(f"{model_path}: graph has outputs the manifest does not list: {extra}")
 
 
-@dataclass
-class RefreshReport:
-    """What one refresh did: versions now serving, versions refused (with why), models that vanished."""
+def warm_up(model: LoadedModel, batch_sizes: Sequence[int]) -> None:
+    """Run dummy batches so the first real request does not pay for allocation and kernel selection.
 
-    loaded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    removed: list[str] = field(default_factory=list)
+    Also a last check that the graph really runs: a version that loads but fails here is refused.
+    """
+    for size in sorted(set(batch_sizes)) or [1]:
+        try:
+            outputs = model.score(np.zeros((size, *model.frame_shape), dtype=np.uint8))
+        except Exception as exc:  # onnxruntime raises its own types for a graph that cannot run
+            raise ModelLoadError(f"{model.path}: warm-up failed: {exc}") from exc
+        if outputs["score"].shape != (size,):
+            raise ModelLoadError(
+                f"{model.path}: warm-up failed: score output has shape {list(outputs['score'].shape)} "
+                f"for a batch of {size}"
+            )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a version was refused, and what its files looked like then (see `version_fingerprint`)."""
+
+    reason: str
+    fingerprint: tuple[tuple[str, int, int], ...]
+
+
+def version_fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """(relative name, size, mtime_ns) of every file under a version folder: cheap, and it changes
+    when a copy still in progress writes more bytes, when a file is replaced, added or removed."""
+    if not path.is_dir():
+        return ()
+    entries = []
+    for file in sorted(path.rglob("*")):
+        with contextlib.suppress(OSError):  # a file removed between the listing and the stat
+            if file.is_file():
+                stat = file.stat()
+                entries.append((str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
 
 
 class ModelRegistry:
-    """Versions on disk and the one serving session per model name.
+    """Versions on disk: which exist, which verify, and sessions for them. It holds no serving state:
+    which version serves is the pool's table (`service/pool.py`); the CLI and batch scoring call
+    `load()` for a one-off model.
 
-    `load(name)` serves the highest version that verifies; `refresh()` moves to newer versions only when
-    they verify, so a broken publish never takes a model down.
+    Refused versions are remembered with a fingerprint of their files, so a version that failed
+    because it was still being copied is tried again once its files change (or when asked to retry,
+    as `POST /admin/reload` does), and a truly broken one is not rebuilt on every poll.
     """
 
     def __init__(
@@ -263,14 +297,15 @@ class ModelRegistry:
         repo: Path | str,
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
+        warmup_batch_sizes: Sequence[int] = (),
     ) -> None:
         self.repo = Path(repo)
         self.providers = resolve_providers(providers)
         self.intra_op_threads = intra_op_threads
-        self._lock = threading.RLock()
-        self._serving: dict[str, LoadedModel] = {}
-        # name/version -> reason; published versions never change, so a refused one is not retried.
-        self._failed: dict[str, str] = {}
+        self.warmup_batch_sizes = list(warmup_batch_sizes)
+        # "name/version" -> refusal. Written only by one load at a time (the pool's lock, or a CLI's own
+        # registry); read through `failures`, which copies it first.
+        self._refused: dict[str, Refusal] = {}
 
     def scan(self) -> dict[str, list[int]]:
         """Model names with their published versions (ascending); models with no version are left out."""
@@ -290,91 +325,69 @@ class ModelRegistry:
 
     @property
     def failures(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._failed)
+        """Every version refused and not loaded since, as "name/version" -> why."""
+        # dict() copies in one step under the GIL: safe while a load in a worker thread adds to it.
+        return {key: refusal.reason for key, refusal in dict(self._refused).items()}
 
     def load_version(self, name: str, version: int) -> LoadedModel:
-        """Load exactly one version (not made the serving one); ModelLoadError if it does not verify."""
+        """Load exactly one version (and warm it up, if this registry warms); ModelLoadError, remembered
+        as a refusal, if it does not verify or does not run."""
         path = self.repo / name / str(version)
         if not path.is_dir():
             raise ModelLoadError(f"{path}: no such model version")
+        fingerprint = version_fingerprint(path)
         try:
-            return load_version(path, self.providers, self.intra_op_threads)
+            model = load_version(path, self.providers, self.intra_op_threads)
+            if self.warmup_batch_sizes:
+                warm_up(model, self.warmup_batch_sizes)
         except ModelLoadError as exc:
-            with self._lock:
-                self._failed[f"{name}/{version}"] = str(exc)
+            self._refused[f"{name}/{version}"] = Refusal(str(exc), fingerprint)
             raise
+        self._refused.pop(f"{name}/{version}", None)
+        return model
 
-    def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Serve `name` at `version`, or the highest version that verifies (broken ones logged, skipped)."""
-        with self._lock:
-            loaded: LoadedModel | None
-            if version is not None:
-                loaded = self.load_version(name, version)
-            else:
-                loaded = self._load_newest(name, newer_than=0)
-                if loaded is None:
-                    raise ModelLoadError(self._no_version_message(name))
-            self._serving[name] = loaded
-            return loaded
+    def load_newest(
+        self, name: str, newer_than: int = 0, *, retry_refused: bool = False
+    ) -> tuple[LoadedModel | None, dict[str, str]]:
+        """The highest version above `newer_than` that verifies, and the versions refused on the way.
 
-    def get(self, name: str) -> LoadedModel:
-        """The serving version of `name`; KeyError if it is not loaded."""
-        with self._lock:
-            return self._serving[name]
-
-    def serving(self) -> dict[str, LoadedModel]:
-        """A snapshot of name -> serving version."""
-        with self._lock:
-            return dict(self._serving)
-
-    def refresh(self) -> RefreshReport:
-        """Pick up new models and newer versions; a version that fails keeps the old one serving."""
-        report = RefreshReport()
-        with self._lock:
-            on_disk = self.scan()
-            for name in on_disk:
-                current = self._serving.get(name)
-                loaded = self._load_newest(name, newer_than=current.version if current else 0, report=report)
-                if loaded is not None:
-                    self._serving[name] = loaded
-                    report.loaded.append(f"{name}/{loaded.version}")
-            for name in sorted(set(self._serving) - set(on_disk)):
-                # The folder is gone: keep serving what is in memory, but say so.
-                report.removed.append(name)
-                log.warning(
-                    "model %s is no longer in %s; still serving version %d from memory",
-                    name,
-                    self.repo,
-                    self._serving[name].version,
-                )
-        return report
-
-    def reload(self) -> RefreshReport:
-        """Alias of refresh(), for readers who look for that word."""
-        return self.refresh()
-
-    def _load_newest(
-        self, name: str, newer_than: int, report: RefreshReport | None = None
-    ) -> LoadedModel | None:
-        versions = list_versions(self.repo / name)
-        for version in reversed(versions):
+        A version refused before is skipped while its files are unchanged, unless `retry_refused`.
+        The returned refusals are only the new ones (first refusal, or a different reason), so a
+        poll does not report the same broken version again and again.
+        """
+        refused: dict[str, str] = {}
+        for version in reversed(list_versions(self.repo / name)):
             if version <= newer_than:
-                return None
+                break
             key = f"{name}/{version}"
-            if key in self._failed:
+            before = self._refused.get(key)
+            if (
+                before is not None
+                and not retry_refused
+                and before.fingerprint == version_fingerprint(self.repo / name / str(version))
+            ):
                 continue
             try:
-                return self.load_version(name, version)
+                return self.load_version(name, version), refused
             except ModelLoadError as exc:
-                log.error("refusing %s: %s", key, exc)
-                if report is not None:
-                    report.failed[key] = str(exc)
-        return None
+                if before is None or before.reason != str(exc):
+                    refused[key] = str(exc)
+        return None, refused
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """`name` at `version`, or its highest version that verifies (broken ones skipped)."""
+        if version is not None:
+            return self.load_version(name, version)
+        model, refused = self.load_newest(name, retry_refused=True)
+        for key, reason in refused.items():
+            log.error("refusing %s: %s", key, reason)
+        if model is None:
+            raise ModelLoadError(self._no_version_message(name))
+        return model
 
     def _no_version_message(self, name: str) -> str:
         model_dir = self.repo / name
         if not list_versions(model_dir):
             return f"{model_dir}: no published version (expected integer folders with {MODEL_FILE})"
-        reasons = [msg for key, msg in self._failed.items() if key.startswith(f"{name}/")]
+        reasons = [why for key, why in self.failures.items() if key.startswith(f"{name}/")]
         return f"{model_dir}: no version could be loaded: " + " | ".join(reasons)

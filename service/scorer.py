@@ -22,9 +22,8 @@ from pydantic import BaseModel, Field
 
 from contract.frames import encode_png
 from contract.manifest import is_edge_case
-from service.batcher import BatcherClosedError
 from service.decoding import Payload, decode_frames, to_batch
-from service.errors import InferenceError, NotReadyError, StoreError
+from service.errors import InferenceError, StoreError
 from service.metrics import Metrics
 from service.pool import ModelPool
 from service.registry import LoadedModel
@@ -87,26 +86,18 @@ async def score_payloads(
     pool: ModelPool, payloads: list[Payload], options: ScoreOptions, store: Any = None
 ) -> ScoreResponse:
     """Decode, resize, batch, score; write edge cases to the store before returning (durable ack)."""
-    serving = await pool.resolve(options.model, options.version)
-    note_model(serving.model.name, serving.model.version)
-    h, w, _ = serving.model.frame_shape
-    if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
-        # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.
-        frames, batch = _prepare(payloads, h, w, options.max_pixels)
-    else:
-        with serving.batcher.incoming():
-            frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
-    for _attempt in range(3):
-        try:
-            outputs = await serving.batcher.submit(batch)
-            break
-        except BatcherClosedError:  # swapped while we were resizing: go to the new version
-            serving = await pool.resolve(options.model, options.version)
-            if serving.model.frame_shape != batch.shape[1:]:
-                h, w, _ = serving.model.frame_shape
-                batch = await asyncio.to_thread(to_batch, frames, h, w)
-    else:
-        raise NotReadyError("model versions are being swapped; retry")
+    # The lease keeps this version's batcher open until we have submitted, even if a newer version
+    # takes over meanwhile: frames are resized for, and scored by, the same version.
+    async with pool.lease(options.model, options.version) as serving:
+        note_model(serving.model.name, serving.model.version)
+        h, w, _ = serving.model.frame_shape
+        if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
+            # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.
+            frames, batch = _prepare(payloads, h, w, options.max_pixels)
+        else:
+            with serving.batcher.incoming():
+                frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
+        outputs = await serving.batcher.submit(batch)
     model = serving.model
     scores = outputs["score"].astype(np.float64)
     bad = [payloads[i].key for i in np.flatnonzero(~np.isfinite(scores))]

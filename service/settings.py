@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.keys import parse_keys, read_key_file
+
 ENV_PREFIX = "EDGECASE_"
 
 
@@ -60,8 +62,24 @@ class Settings(BaseSettings):
     max_frames_per_request: int = Field(256, ge=1)
     max_pixels_per_frame: int = Field(16_000_000, ge=1)
 
+    # Access and self-repair (issue 14). Key syntax and scopes: service/auth.py, docs/security.md.
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="bearer tokens for scoring, admin and flagged routes; empty = open"
+        default_factory=list,
+        description="bearer tokens, each `token` (every scope) or `scope+scope:token` with scopes score, "
+        "review, admin; unset = open (loopback only, see insecure); set but empty is an error",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one key entry per line (# comments), instead of api_keys (not in ps)"
+    )
+    insecure: bool = Field(
+        False, description="allow a non-loopback host without API keys (anyone who can connect may score)"
+    )
+    batcher_restart_s: float = Field(
+        0.5, gt=0.0, description="pause before restarting a batcher whose loop ended; doubles while it recurs"
+    )
+    batcher_restart_max_s: float = Field(10.0, gt=0.0, description="longest pause between batcher restarts")
+    swap_drain_s: float = Field(
+        30.0, ge=0.0, description="on a swap, how long the old version waits for requests that resolved it"
     )
     flagged_dir: Path = Field(Path("flagged"), description="where the flagged-frame store lives")
     reload_poll_s: float = Field(5.0, ge=0.0, description="poll the repo for new versions; 0 = off")
@@ -83,10 +101,27 @@ class Settings(BaseSettings):
         "text", description="log lines as text, or one JSON object per line with the request id"
     )
 
-    @field_validator("api_keys", "providers", "warmup_batch_sizes", mode="before")
+    @field_validator("providers", "warmup_batch_sizes", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        # Set-but-empty must not mean "open": a typo or an unset secret would silently drop every key.
+        if isinstance(value, str) and not _split_list(value):
+            raise ValueError(
+                "EDGECASE_API_KEYS is set but holds no key; unset it to run without keys (loopback only), "
+                "or give at least one"
+            )
+        return _split_list(value)
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _key_syntax(cls, value: list[str]) -> list[str]:
+        parse_keys(value, "EDGECASE_API_KEYS")  # raises KeyConfigError (a ValueError) naming the problem
+        return value
 
     @field_validator("default_model", mode="before")
     @classmethod
@@ -100,6 +135,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.api_keys and self.api_keys_file is not None:
+            raise ValueError("set EDGECASE_API_KEYS or EDGECASE_API_KEYS_FILE, not both")
+        if self.api_keys_file is not None:
+            read_key_file(self.api_keys_file)  # unreadable or empty: fail now, not on the first request
         if self.max_queue_frames < self.max_batch_size:
             raise ValueError(
                 f"max_queue_frames ({self.max_queue_frames}) must be at least max_batch_size "
@@ -111,7 +150,7 @@ class Settings(BaseSettings):
         """These settings as EDGECASE_* variables (what `edgecase serve` exports for its workers)."""
         env = {}
         for name, value in self.model_dump().items():
-            if value is None:
+            if value is None or (name == "api_keys" and not value):  # no keys: unset, never set-but-empty
                 continue
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             env[f"{ENV_PREFIX}{name.upper()}"] = text

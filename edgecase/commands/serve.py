@@ -15,7 +15,10 @@ from pathlib import Path
 
 from edgecase.commands import add_command
 
-EXAMPLE = "edgecase serve --repo models/ --port 8000 --workers 2   # then: curl localhost:8000/models"
+EXAMPLE = (
+    "edgecase serve --repo models/ --port 8000 --workers 2   # then: curl localhost:8000/models\n"
+    "  edgecase serve --host 0.0.0.0 --api-keys-file /run/secrets/edgecase-keys   # on a network"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-key",
         dest="api_keys",
         action="append",
-        help="bearer token required on /score, /flagged and /admin (repeatable; default: open)",
+        help="API key: `token` (all scopes) or `score:token`, `review+admin:token`... (repeatable; "
+        "visible in ps: prefer --api-keys-file)",
+    )
+    parser.add_argument(
+        "--api-keys-file", type=Path, help="file with one key entry per line, # comments (docs/security.md)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host without API keys (without it, that refuses to start)",
     )
     parser.add_argument(
         "--providers", help="onnxruntime providers, comma-separated (default: CUDA if any, CPU)"
@@ -69,6 +82,8 @@ _SETTING_FLAGS = (
     "flagged_dir",
     "reload_poll_s",
     "api_keys",
+    "api_keys_file",
+    "insecure",
     "providers",
     "log_level",
     "log_format",
@@ -99,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"the service is not installed ({exc.name}); pip install -e '.[serve,cpu]'") from exc
     if not settings.repo.is_dir():
         raise CliError(f"model repository {settings.repo} does not exist (export a model first)")
+    from service.keys import KeyConfigError, check_exposure, load_keys
+
+    try:
+        check_exposure(settings, load_keys(settings))  # fail closed before any worker starts
+    except KeyConfigError as exc:
+        raise CliError(str(exc)) from exc
     os.environ.update(settings.to_env())
     if settings.workers > 1:
         _enable_multiprocess_metrics()

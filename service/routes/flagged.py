@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from service.auth import KeyFirstRoute, require_review
 from service.errors import NotFoundError, NotReadyError, error_responses
 from service.flagged import (
     FlaggedNotFoundError,
@@ -26,7 +27,14 @@ from service.flagged import (
 )
 from service.image_files import MEDIA_TYPES
 
-router = APIRouter(tags=["flagged"])
+# Every route needs the `review` scope. KeyFirstRoute: the review route has a JSON body, and the key
+# must be checked before it is read. On the router itself (not at include time) so each route carries it.
+router = APIRouter(
+    tags=["flagged"],
+    route_class=KeyFirstRoute,
+    dependencies=[Depends(require_review)],
+    responses=error_responses(401, 403),
+)
 
 MAX_PAGE = 1000
 IMAGE_MEDIA_TYPES = sorted(set(MEDIA_TYPES.values()))

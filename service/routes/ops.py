@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
-from service.auth import require_api_key
+from service.auth import require_admin
 from service.errors import NotReadyError, error_responses
 from service.metrics import CONTENT_TYPE, Metrics
 from service.pool import ModelDescription, ModelPool
@@ -33,7 +33,10 @@ class ModelList(BaseModel):
 
 class ReloadResult(BaseModel):
     loaded: list[str] = Field(description="'name/version' now serving after warm-up")
-    refused: dict[str, str] = Field(description="'name/version' -> why it was refused (old one kept)")
+    refused: dict[str, str] = Field(
+        description="'name/version' -> why it was refused (old one kept); a version refused again for "
+        "the same reason is not repeated here, /models lists every refused version"
+    )
     serving: dict[str, int]
 
 
@@ -45,10 +48,14 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses=error_responses(503))
 async def readyz(pool: Annotated[ModelPool, Depends(get_pool)]) -> Readiness:
-    """Readiness: 200 once the default model is loaded and warmed up, 503 before."""
+    """Readiness: 200 once the default model is warm and every loaded version can serve, else 503."""
     default = pool.default_name
     if not pool.ready or default is None:
         raise NotReadyError("models are still loading and warming up", retry_after_s=2)
+    broken = pool.not_ready()
+    if broken:
+        reasons = "; ".join(f"{key}: {why}" for key, why in sorted(broken.items()))
+        raise NotReadyError(f"not every loaded model version can serve, restarting: {reasons}")
     return Readiness(
         status="ready",
         default_model=default,
@@ -78,11 +85,11 @@ async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Respons
 @router.post(
     "/admin/reload",
     response_model=ReloadResult,
-    responses=error_responses(401, 503),
-    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403, 503),
+    dependencies=[Depends(require_admin)],
     tags=["admin"],
 )
 async def reload(pool: Annotated[ModelPool, Depends(get_pool)]) -> ReloadResult:
-    """Load newer model versions now (this worker); each is warmed before it serves, broken ones refused."""
-    report = await pool.refresh()
+    """Load newer model versions now (this worker), retrying refused ones; each is warmed before it serves."""
+    report = await pool.refresh(retry_refused=True)
     return ReloadResult(loaded=report.loaded, refused=report.refused, serving=report.serving)

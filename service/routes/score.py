@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from service.auth import require_api_key
+from service.auth import require_score
 from service.decoding import FILES_FIELD, JSON, MULTIPART, RAW_IMAGE_TYPES, media_type, parse_payloads
 from service.errors import error_responses
 from service.pool import ModelPool
@@ -44,9 +44,9 @@ _SOURCES = {MULTIPART: "multipart", JSON: "json"}
     "/score",
     response_model=ScoreResponse,
     response_model_exclude_none=True,
-    responses=error_responses(401, 404, 413, 415, 422, 429, 500, 503),
+    responses=error_responses(401, 403, 404, 413, 415, 422, 429, 500, 503),
     openapi_extra={"requestBody": SCORE_REQUEST_BODY},
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_score)],
 )
 async def score(
     request: Request,

@@ -7,6 +7,7 @@ need no torch, like the service itself.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -224,30 +225,33 @@ def test_load_skips_a_broken_newest_version_and_serves_the_previous(tmp_path: Pa
     assert "m/2" in registry.failures
 
 
-def test_refresh_moves_to_a_new_version_and_keeps_the_old_one_usable(tmp_path: Path) -> None:
+def test_load_newest_finds_only_versions_above_the_one_given(tmp_path: Path) -> None:
     publish(tmp_path, "m", 1)
     registry = ModelRegistry(tmp_path)
     old = registry.load("m")
     publish(tmp_path, "m", 2)
-    publish(tmp_path, "other", 1)
-    report = registry.refresh()
-    assert sorted(report.loaded) == ["m/2", "other/1"] and not report.failed
-    assert registry.get("m").version == 2
-    assert {n: m.version for n, m in registry.serving().items()} == {"m": 2, "other": 1}
+    model, refused = registry.load_newest("m", newer_than=1)
+    assert model is not None and model.version == 2 and refused == {}
+    assert registry.load_newest("m", newer_than=2) == (None, {})  # nothing new
     np.testing.assert_allclose(old.score(frames(1, 7))["score"], [7.0])  # an in-flight holder still works
-    assert registry.refresh().loaded == []  # nothing new
 
 
-def test_refresh_refuses_a_broken_new_version_and_the_old_one_keeps_serving(tmp_path: Path) -> None:
+def test_a_refused_version_is_skipped_until_its_files_change_or_a_retry_is_asked(tmp_path: Path) -> None:
     publish(tmp_path, "m", 1)
+    broken = publish(tmp_path, "m", 2, graph=tiny_graph(size=16))
     registry = ModelRegistry(tmp_path)
-    registry.load("m")
-    publish(tmp_path, "m", 2, graph=tiny_graph(size=16))
-    report = registry.refresh()
-    assert report.loaded == [] and "m/2" in report.failed
-    assert "graph input frames" in report.failed["m/2"]
-    assert registry.get("m").version == 1
-    assert registry.refresh().failed == {}  # a refused version is not retried (versions are immutable)
+    model, refused = registry.load_newest("m", newer_than=1)
+    assert model is None and "graph input frames" in refused["m/2"]
+    assert registry.load_newest("m", newer_than=1) == (None, {})  # unchanged: not rebuilt, not reported
+    assert "m/2" in registry.failures
+    # Asked to retry (POST /admin/reload): tried again; the same reason is not reported twice.
+    assert registry.load_newest("m", newer_than=1, retry_refused=True) == (None, {})
+    # The files change (a copy that was still in progress completes): tried again on its own.
+    shutil.rmtree(broken)
+    publish(tmp_path, "m", 2)
+    model, refused = registry.load_newest("m", newer_than=1)
+    assert refused == {} and model is not None and model.version == 2
+    assert "m/2" not in registry.failures
 
 
 def test_provider_choice_prefers_cuda_and_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
