@@ -46,10 +46,10 @@ def mount(volume: str | dict[str, Any]) -> tuple[str, bool]:
 
 
 def published(port: str | dict[str, Any]) -> tuple[int, int]:
-    """(host port, container port) in either syntax."""
+    """(host port, container port) in either syntax ("[ip:]host:container[/protocol]" or a mapping)."""
     if isinstance(port, dict):
         return int(port["published"]), int(port["target"])
-    host, container = port.split(":")[-2:]
+    host, container = port.split("/")[0].split(":")[-2:]
     return int(host), int(container)
 
 
