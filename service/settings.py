@@ -7,6 +7,7 @@ factory takes a `Settings` explicitly so tests never depend on the environment.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,8 +23,6 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
@@ -63,7 +62,35 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="bearer tokens for scoring, admin and flagged routes; empty = open"
     )
-    flagged_dir: Path = Field(Path("flagged"), description="where the flagged-frame store lives")
+    flagged_dir: Path = Field(
+        Path("flagged"), description="the embedded flagged store (SQLite + image files), unless flagged_url"
+    )
+    # The shared flagged store (many replicas, one review queue): rows in PostgreSQL, images in an
+    # object store through fsspec. Unset flagged_url = the embedded store in flagged_dir.
+    flagged_url: str | None = Field(
+        None, description="PostgreSQL URL of the shared flagged store, e.g. postgresql://user:pw@db/edgecase"
+    )
+    flagged_images: str | None = Field(
+        None,
+        description="where the shared store keeps images: s3://bucket/prefix/ (fsspec) or a shared folder",
+    )
+    flagged_images_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for flagged_images as JSON, e.g. "
+        '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}; s3fs also reads the AWS_* variables',
+    )
+    flagged_pool_size: int = Field(8, ge=1, description="PostgreSQL connections per worker process")
+    flagged_max_frames: int = Field(0, ge=0, description="retention: most flags kept (0 = no limit)")
+    flagged_max_bytes: int = Field(0, ge=0, description="retention: most image bytes kept (0 = no limit)")
+    flagged_max_image_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        description="a flagged frame's bytes are kept as sent up to this size, else the decoded frame is "
+        "re-encoded as PNG (shrunk until it fits); 0 = keep originals of any size",
+    )
+    flagged_retention_poll_s: float = Field(
+        60.0, ge=0.0, description="how often retention runs and the store-size gauges update; 0 = never"
+    )
     reload_poll_s: float = Field(5.0, ge=0.0, description="poll the repo for new versions; 0 = off")
     providers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="onnxruntime execution providers; None = CUDA when available, else CPU"
@@ -85,7 +112,7 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("default_model", mode="before")
+    @field_validator("default_model", "flagged_url", "flagged_images", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -110,7 +137,10 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            if isinstance(value, dict):
+                text = json.dumps(value)
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             env[f"{ENV_PREFIX}{name.upper()}"] = text
         return env
 
