@@ -36,7 +36,8 @@ class ObjectImages:
         from fsspec.core import url_to_fs
 
         self.location = url
-        self.fs, root = url_to_fs(url, **dict(storage_options or {}))
+        # Its own client (no fsspec instance cache): a store owns its connection settings.
+        self.fs, root = url_to_fs(url, skip_instance_cache=True, **dict(storage_options or {}))
         self.root = str(root).rstrip("/")
         bucket = self.root.split("/", 1)[0]
         if self.fs.protocol not in ("memory", ("memory",)) and not self.fs.exists(bucket):
