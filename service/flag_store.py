@@ -370,7 +370,13 @@ def open_flag_store(settings: Settings) -> FlagStore:
     else SQLite + files in ``flagged_dir`` (the default, one machine)."""
     retention = retention_of(settings)
     if settings.flagged_url:
-        from service.flagged_postgres import PostgresFlagStore
+        try:
+            from service.flagged_postgres import PostgresFlagStore
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(
+                f"EDGECASE_FLAGGED_URL needs the store extra ({exc.name} is missing): "
+                "pip install 'edgecase[store]'"
+            ) from exc
 
         if not settings.flagged_images:
             raise ValueError(
