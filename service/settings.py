@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "EDGECASE_"
+MIN_IMAGE_CAP = 16 * 1024
 
 
 def _split_list(value: Any) -> Any:
@@ -124,6 +125,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if 0 < self.flagged_max_image_bytes < MIN_IMAGE_CAP:
+            raise ValueError(
+                f"flagged_max_image_bytes must be 0 (no cap) or at least {MIN_IMAGE_CAP} bytes, got "
+                f"{self.flagged_max_image_bytes}: below that not even a thumbnail fits"
+            )
         if self.max_queue_frames < self.max_batch_size:
             raise ValueError(
                 f"max_queue_frames ({self.max_queue_frames}) must be at least max_batch_size "

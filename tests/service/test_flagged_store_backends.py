@@ -7,6 +7,7 @@ prefix); a few say something only one backend has (migrations, a shared folder f
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -301,3 +302,41 @@ def test_a_version_one_sqlite_store_is_migrated(tmp_path: Path) -> None:
         assert store.count() == 1 and store.stats().bytes == 5
         assert store.read_image(1)[0] == b"12345"
         assert add(store, seed=1, idempotency_key="x").id == add(store, seed=2, idempotency_key="x").id
+
+
+def test_the_settings_choose_the_backend_and_refuse_half_a_shared_store(tmp_path: Path) -> None:
+    from service.flag_store import open_flag_store
+    from service.flagged import FlaggedStore
+    from service.settings import Settings
+
+    settings = Settings(flagged_dir=tmp_path / "f", flagged_max_frames=5, flagged_max_image_bytes=20_000)
+    with open_flag_store(settings) as store:
+        assert isinstance(store, FlaggedStore) and store.retention == Retention(max_frames=5)
+        assert store.max_image_bytes == 20_000
+    with pytest.raises(ValueError, match="EDGECASE_FLAGGED_IMAGES is not"):
+        open_flag_store(Settings(flagged_url="postgresql://db/edgecase"))
+    with pytest.raises(ValueError, match="needs EDGECASE_FLAGGED_URL"):
+        open_flag_store(Settings(flagged_images="s3://bucket/flagged/"))
+    with pytest.raises(ValueError, match="at least"):
+        Settings(flagged_max_image_bytes=100)
+    env = Settings(flagged_images_options={"client_kwargs": {"endpoint_url": "http://minio:9000"}}).to_env()
+    # `edgecase serve` hands settings to its workers as variables: the options survive as JSON
+    assert json.loads(env["EDGECASE_FLAGGED_IMAGES_OPTIONS"]) == {
+        "client_kwargs": {"endpoint_url": "http://minio:9000"}
+    }
+
+
+def test_the_stored_bytes_rule() -> None:
+    from service.flag_store import bounded_image
+
+    frame = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    png = encode_png(frame)
+    assert bounded_image(png, "png", frame, 0) == (png, "png")  # no cap: as sent
+    assert bounded_image(png, "png", frame, len(png)) == (png, "png")  # at the cap: as sent
+    data, ext = bounded_image(b"GIF89a...", None, frame, 0)  # a format the store does not keep
+    assert ext == "png" and np.array_equal(decode_frame(data), frame)  # the decoded frame, lossless
+    data, ext = bounded_image(png, "png", frame, 16_384)
+    shrunk = decode_frame(data)
+    assert (
+        ext == "png" and len(data) <= 16_384 and shrunk.shape[1] / shrunk.shape[0] == pytest.approx(1.5, 0.05)
+    )
