@@ -11,6 +11,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,9 @@ def test_add_get_list_review_and_read_the_image(open_store: OpenStore) -> None:
     page, total = store.list(model="vae")
     assert total == 1 and [r.id for r in page] == [first.id]
     assert [r.id for r in store.list()[0]] == [second.id, first.id]  # newest first
-    assert store.list(since=second.created_at)[1] == 1 and store.list(until=first.created_at)[1] == 0
+    just_before = first.created_at - timedelta(milliseconds=1)
+    assert store.list(since=just_before)[1] == 2 and store.list(until=just_before)[1] == 0
+    assert store.list(since=second.created_at + timedelta(seconds=1))[1] == 0
     reviewed = store.review(first.id, "normal")
     assert reviewed.review == "normal" and reviewed.reviewed_at is not None
     assert store.list(review="normal")[1] == 1 and store.list(review="unreviewed")[1] == 1
