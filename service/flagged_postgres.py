@@ -9,7 +9,8 @@ acknowledged only once its image and its row are durable:
 2. retention deletes flags (committed), then collects images no flag points to under the *exclusive*
    ``GC_LOCK``, deleting the objects before its commit: no add is ever between "image written" and
    "row committed" while an image is deleted, and a crash mid-collection leaves the image row, so the
-   next collection retries (an add PUTs its image unconditionally, so it also restores one).
+   next collection retries (an add PUTs its objects every time, and writes a file whenever it is
+   missing, so it also restores an image such a crash deleted).
 
 The schema is created and migrated at startup by whichever replica gets there first: migrations run
 under a transaction-level advisory lock (``MIGRATION_LOCK``), so replicas starting together wait for
