@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from service.flag_store import (
     RETENTION_ORDER,
@@ -150,6 +150,12 @@ class PostgresFlagStore(FlagStore):
         self._io: ThreadPoolExecutor | None = None
         try:
             self._pool.wait(timeout=connect_timeout_s)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise RuntimeError(
+                f"cannot reach the flagged store's database {redact(url)} within {connect_timeout_s:.0f} s"
+            ) from exc
+        try:
             self.migrate()
         except BaseException:
             self._pool.close()

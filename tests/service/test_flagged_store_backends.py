@@ -106,6 +106,39 @@ def test_add_get_list_review_and_read_the_image(open_store: OpenStore) -> None:
     assert open_store().get(first.id).review == "normal"  # another replica sees it
 
 
+def test_the_routes_serve_the_image_and_a_missing_one_is_a_404(open_store: OpenStore) -> None:
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from service.errors import install_error_handlers
+    from service.routes.flagged import router
+
+    store = open_store()
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.store = store
+    kept, lost = add(store, seed=1), add(store, seed=2)
+    store.images.delete(lost.image_sha256, lost.image_ext)  # type: ignore[attr-defined]  # by hand
+
+    async def get(url: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get(url)
+
+    image = asyncio.run(get(f"/flagged/{kept.id}/image"))
+    assert image.status_code == 200 and image.content == frame_png(1)
+    assert (
+        image.headers["content-type"] == "image/png"
+        and f"flag-{kept.id}.png" in image.headers["content-disposition"]
+    )
+    missing = asyncio.run(get(f"/flagged/{lost.id}/image"))
+    assert missing.status_code == 404 and "missing" in missing.json()["detail"]
+    assert asyncio.run(get("/flagged/999999/image")).status_code == 404
+    assert asyncio.run(get("/flagged?review=unreviewed")).json()["total"] == 2
+
+
 def test_identical_frames_share_one_image(open_store: OpenStore) -> None:
     store = open_store()
     a, b = add(store, seed=3, key="a"), add(store, seed=3, key="b")
@@ -272,6 +305,16 @@ def test_the_shared_store_can_keep_images_in_a_shared_folder(
         record = add(one, seed=4)
         assert two.read_image(record.id)[0] == frame_png(4)
         assert (tmp_path / "nfs" / record.image_sha256[:2] / f"{record.image_sha256}.png").is_file()
+
+
+def test_an_unreachable_database_fails_at_startup_with_its_name(tmp_path: Path) -> None:
+    from service.flagged_postgres import PostgresFlagStore
+    from service.launch import free_port
+
+    url = f"postgresql://edgecase:secret@127.0.0.1:{free_port()}/edgecase"
+    with pytest.raises(RuntimeError, match="cannot reach") as caught:
+        PostgresFlagStore(url, str(tmp_path / "images"), connect_timeout_s=1.0)
+    assert "secret" not in str(caught.value) and "edgecase:***@127.0.0.1" in str(caught.value)
 
 
 def test_a_missing_bucket_fails_at_startup(servers: tuple[str, dict[str, str], str]) -> None:
