@@ -115,7 +115,10 @@ def _open_store(args: argparse.Namespace) -> FlagStore:
         if not images:
             raise CliError(f"a postgresql:// store needs --images or ${IMAGES_ENV} (s3://bucket/prefix/)")
         try:
-            return PostgresFlagStore(store, images)
+            from service.settings import Settings
+
+            # EDGECASE_FLAGGED_IMAGES_OPTIONS (fsspec options, e.g. an S3 endpoint), as the service reads it
+            return PostgresFlagStore(store, images, storage_options=Settings().flagged_images_options)
         except Exception as exc:  # unreachable database, missing bucket: one line, not a traceback
             raise CliError(f"cannot open the flagged store {store.split('@')[-1]}: {exc}") from exc
     from service.flagged import DB_FILE, FlaggedStore
