@@ -77,13 +77,15 @@ def _include_flagged_routes(app: FastAPI) -> None:
 
 def _open_store(settings: Settings) -> Any:
     try:
-        from service.flagged import FlaggedStore
+        from service.flag_store import open_flag_store
     except ModuleNotFoundError as exc:
-        if exc.name != "service.flagged":
+        if exc.name != "service.flag_store":
             raise
-        log.warning("service.flagged is not installed: edge cases are scored but not stored")
+        log.warning("service.flag_store is not installed: edge cases are scored but not stored")
         return None
-    return FlaggedStore(settings.flagged_dir)
+    store = open_flag_store(settings)  # SQLite + files, or PostgreSQL + object store (flagged_url)
+    log.info("flagged store: %s", store.location)
+    return store
 
 
 @contextlib.asynccontextmanager
@@ -103,12 +105,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = _open_store(settings)
     app.state.metrics, app.state.pool, app.state.store = metrics, pool, store
     background = asyncio.create_task(_load_then_poll(pool, settings.reload_poll_s), name="model-loader")
+    upkeep = None
+    if store is not None:
+        from service.store_upkeep import tend_store
+
+        upkeep = asyncio.create_task(
+            tend_store(store, metrics, settings.flagged_retention_poll_s), name="flagged-store-upkeep"
+        )
     try:
         yield
     finally:
-        background.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await background
+        for task in (background, upkeep):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await pool.close()
         if store is not None:
             store.close()

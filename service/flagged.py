@@ -1,16 +1,22 @@
-"""The flagged-frame store: every edge case the service (or batch scoring) flags, kept for review.
+"""The embedded flagged-frame store: SQLite rows plus content-addressed image files in one folder.
 
-Two parts, written in this order so that a row never points to a missing image:
+The default backend of :class:`service.flag_store.FlagStore` (``edgecase serve``, the demo, one
+machine). Every edge case the service (or batch scoring) flags is kept for review in two parts,
+written in this order so that a row never points to a missing image:
 
 1. the image bytes, content-addressed on disk (``root/images/<sha256[:2]>/<sha256>.<ext>``,
    :mod:`service.image_files`): complete under their real name or absent. Identical frames share
    one file; an orphan image left by a crash between the two steps is harmless;
 2. one row per flag in SQLite (WAL journal, ``synchronous=FULL``): committed before ``add`` returns,
-   so a flag that was acknowledged to a client survives a SIGKILL or a power cut.
+   so a flag that was acknowledged to a client survives a SIGKILL or a power cut. The commit checks,
+   under SQLite's write lock, that each image is still there (retention may have deleted a shared
+   image between the write and the commit) and records it in the ``images`` table (its size counts
+   towards the retention's byte limit).
 
 Thread-safe (one SQLite connection per thread) and safe across worker processes (WAL + a busy
-timeout serialise writers; readers never block). Reviewed flags are exported as a labelled folder
-that ``edgecase train --data`` reads (:mod:`service.flagged_export`).
+timeout serialise writers; readers never block). The schema version is SQLite's ``user_version``;
+stores written before it existed (version 1) are migrated on open. Reviewed flags are exported as a
+labelled folder that ``edgecase train --data`` reads (:mod:`service.flagged_export`).
 """
 
 from __future__ import annotations
@@ -18,29 +24,56 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-from service.image_files import MEDIA_TYPES, ImageFiles, fsync_dir, normalise_ext
+from service.flag_store import (
+    RETENTION_ORDER,
+    REVIEW_LABELS,
+    REVIEW_STATES,
+    FlaggedNotFoundError,
+    FlaggedRecord,
+    FlagStore,
+    ImageMissingError,
+    NewFlag,
+    PreparedFlag,
+    Retention,
+    ReviewLabel,
+    ReviewState,
+    StoreStats,
+    as_epoch,
+    check_label,
+    check_list_args,
+    prepare_flags,
+)
+from service.image_files import ImageFiles
 
-ReviewState = Literal["unreviewed", "edge_case", "normal"]
-ReviewLabel = Literal["edge_case", "normal"]
-REVIEW_STATES: tuple[str, ...] = get_args(ReviewState)
-REVIEW_LABELS: tuple[str, ...] = get_args(ReviewLabel)
+__all__ = [  # the record types live in service.flag_store; importing them from here keeps working
+    "DB_FILE",
+    "REVIEW_LABELS",
+    "REVIEW_STATES",
+    "FlaggedNotFoundError",
+    "FlaggedRecord",
+    "FlaggedStore",
+    "NewFlag",
+    "ReviewLabel",
+    "ReviewState",
+]
 
 DB_FILE = "flagged.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another process's write lock before giving up (SQLite busy timeout)."""
+SCHEMA_VERSION = 2
+"""1: flags only (before retention); 2: + images (sizes, for retention) and flags.idempotency_key."""
 
-_SCHEMA = """
+_FLAGS_V1 = """
 CREATE TABLE IF NOT EXISTS flags (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     created_at REAL NOT NULL,
@@ -55,16 +88,36 @@ CREATE TABLE IF NOT EXISTS flags (
     review TEXT NOT NULL DEFAULT 'unreviewed'
         CHECK (review IN ('unreviewed', 'edge_case', 'normal')),
     reviewed_at REAL
-);
-CREATE INDEX IF NOT EXISTS flags_model_version_created ON flags (model, version, created_at);
-CREATE INDEX IF NOT EXISTS flags_created ON flags (created_at);
-CREATE INDEX IF NOT EXISTS flags_review ON flags (review);
-"""
-
-
+)"""
+_INDEXES_V1 = (
+    "CREATE INDEX IF NOT EXISTS flags_model_version_created ON flags (model, version, created_at)",
+    "CREATE INDEX IF NOT EXISTS flags_created ON flags (created_at)",
+    "CREATE INDEX IF NOT EXISTS flags_review ON flags (review)",
+)
+_TO_V2 = (
+    "ALTER TABLE flags ADD COLUMN idempotency_key TEXT",
+    "CREATE UNIQUE INDEX IF NOT EXISTS flags_idempotency_key ON flags (idempotency_key)",
+    "CREATE INDEX IF NOT EXISTS flags_image ON flags (image_sha256, image_ext)",
+    """CREATE TABLE IF NOT EXISTS images (
+        sha256 TEXT NOT NULL,
+        ext TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (sha256, ext)
+    )""",
+)
 _INSERT = (
     "INSERT INTO flags (created_at, model, version, score, p_value, client_key, metadata, image_sha256,"
-    " image_ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " image_ext, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+_LIVE_BYTES = (
+    "(SELECT COALESCE(SUM(bytes), 0) FROM images WHERE EXISTS"
+    " (SELECT 1 FROM flags WHERE flags.image_sha256 = images.sha256 AND flags.image_ext = images.ext))"
+)
+_UNREFERENCED = (
+    "FROM images WHERE NOT EXISTS"
+    " (SELECT 1 FROM flags WHERE flags.image_sha256 = images.sha256 AND flags.image_ext = images.ext)"
 )
 IO_THREADS = 8
 """Parallel image writes/fsyncs per store (fsync is disk-bound; overlapping them lets the disk merge)."""
@@ -72,83 +125,32 @@ IO_THREADS = 8
 
 @dataclass
 class _Ticket:
-    """Rows waiting for a group commit, and what the commit gave them."""
+    """Flags waiting for a group commit, and what the commit gave them."""
 
-    rows: list[tuple[Any, ...]]
+    flags: list[PreparedFlag]
     done: bool = False
     ids: list[int] = field(default_factory=list)
+    existing: set[int] = field(default_factory=set)  # indices whose idempotency key was already stored
     created_at: float = 0.0
     error: BaseException | None = None
-
-
-class FlaggedNotFoundError(KeyError):
-    """No flag with this id (the routes answer 404)."""
-
-    def __init__(self, flag_id: int) -> None:
-        super().__init__(flag_id)
-        self.flag_id = flag_id
-
-    def __str__(self) -> str:
-        return f"no flagged frame with id {self.flag_id}"
-
-
-@dataclass(frozen=True)
-class NewFlag:
-    """One frame to flag; what ``FlaggedStore.add_many`` takes (``add`` takes the same as keywords)."""
-
-    image: bytes
-    model: str
-    version: int
-    score: float
-    p_value: float
-    key: str | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    ext: str = "png"
-
-
-@dataclass(frozen=True)
-class FlaggedRecord:
-    """One stored flag. ``created_at``/``reviewed_at`` are timezone-aware UTC datetimes."""
-
-    id: int
-    created_at: datetime
-    model: str
-    version: int
-    score: float
-    p_value: float
-    key: str | None
-    metadata: dict[str, Any]
-    image_sha256: str
-    image_ext: str
-    review: ReviewState
-    reviewed_at: datetime | None
-
-    @property
-    def media_type(self) -> str:
-        return MEDIA_TYPES[self.image_ext]
 
 
 def _utc(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
-def _epoch(when: datetime | float | None) -> float | None:
-    """Datetimes without a timezone are taken as UTC (what the API documents)."""
-    if when is None or isinstance(when, int | float):
-        return when
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-class FlaggedStore:
+class FlaggedStore(FlagStore):
     """Flagged frames on disk (content-addressed images) plus one SQLite row per flag.
 
     ``root`` holds ``images/`` and, unless ``db_path`` says otherwise, ``flagged.sqlite``.
     """
 
-    def __init__(self, root: Path | str, db_path: Path | str | None = None) -> None:
+    def __init__(
+        self, root: Path | str, db_path: Path | str | None = None, *, retention: Retention | None = None
+    ) -> None:
         self.root = Path(root)
+        self.location = str(self.root)
+        self.retention = retention or Retention()
         self.images = ImageFiles(self.root / "images")
         self.db_path = Path(db_path) if db_path is not None else self.root / DB_FILE
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,10 +163,9 @@ class FlaggedStore:
         self._queued: list[_Ticket] = []
         self._pool_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        # executescript runs each statement in its own implicit transaction; all are idempotent.
-        self._connection().executescript(_SCHEMA)
+        self._migrate()
 
-    # -- connections -------------------------------------------------------------------------
+    # -- connections and schema --------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 objects must not be shared between threads)."""
@@ -198,6 +199,32 @@ class FlaggedStore:
             raise
         conn.execute("COMMIT")
 
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older store's up to ``SCHEMA_VERSION``, in one transaction."""
+        with self._transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.db_path} has schema version {version}; this edgecase knows up to "
+                    f"{SCHEMA_VERSION} (upgrade edgecase)"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(flags)")}
+            conn.execute(_FLAGS_V1)
+            for statement in _INDEXES_V1:
+                conn.execute(statement)
+            for statement in _TO_V2:
+                if "ADD COLUMN" not in statement or "idempotency_key" not in columns:
+                    conn.execute(statement)
+            # A version-1 store: record the images its flags point to, with their sizes on disk.
+            now = time.time()
+            for row in conn.execute("SELECT DISTINCT image_sha256, image_ext FROM flags").fetchall():
+                path = self.images.path(row[0], row[1])
+                size = path.stat().st_size if path.is_file() else 0
+                conn.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", (row[0], row[1], size, now))
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def close(self) -> None:
         """Close every thread's connection (the store cannot be used afterwards)."""
         self._closed = True
@@ -212,84 +239,37 @@ class FlaggedStore:
     def __enter__(self) -> FlaggedStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- writing -----------------------------------------------------------------------------
-
-    def add(
-        self,
-        image_bytes: bytes,
-        *,
-        model: str,
-        version: int,
-        score: float,
-        p_value: float,
-        key: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        ext: str = "png",
-    ) -> FlaggedRecord:
-        """Store one flagged frame; returns only once both the image and its row are durable."""
-        flag = NewFlag(image_bytes, model, version, score, p_value, key, metadata or {}, ext)
-        return self.add_many([flag])[0]
 
     def add_many(self, flags: Sequence[NewFlag]) -> list[FlaggedRecord]:
         """Store several flags: images durable first, then their rows in one (group) commit."""
-        prepared = []
-        for flag in flags:
-            data = bytes(flag.image)
-            if not data:
-                raise ValueError("a flagged frame needs image bytes, got 0 bytes")
-            if not flag.model:
-                raise ValueError("a flagged frame needs a model name")
-            if not (math.isfinite(flag.score) and math.isfinite(flag.p_value)):
-                # A NaN/inf score is a broken model (the service answers 500), not an edge case to review.
-                raise ValueError(f"score and p-value must be finite, got {flag.score} and {flag.p_value}")
-            try:
-                metadata_json = json.dumps(dict(flag.metadata), sort_keys=True, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"metadata must be JSON-serialisable: {exc}") from exc
-            prepared.append((flag, data, normalise_ext(flag.ext), metadata_json))
+        prepared = prepare_flags(flags, self.max_image_bytes)
         # Images first: a row committed below must never point to a file that is not durable yet.
         # Several images are written (and fsynced) in parallel: fsync waits on the disk, not the CPU.
-        written = self._map(lambda item: self.images.write(item[1], item[2]), prepared)
-        self._map(fsync_dir, sorted({folder for _, folder in written}))  # renames durable before rows
-        rows = [
-            (flag, sha256, ext, metadata_json)
-            for (flag, _, ext, metadata_json), (sha256, _) in zip(prepared, written, strict=True)
-        ]
-        ids, now = self._commit_rows(
-            [
-                (
-                    flag.model,
-                    int(flag.version),
-                    float(flag.score),
-                    float(flag.p_value),
-                    flag.key,
-                    meta,
-                    sha,
-                    ext,
+        self.images.put_many([(p.data, p.ext) for p in prepared], self._map)
+        ticket = self._commit(prepared)
+        records = []
+        for index, (flag_id, p) in enumerate(zip(ticket.ids, prepared, strict=True)):
+            if index in ticket.existing:  # stored before under this idempotency key: that flag
+                records.append(self.get(flag_id))
+                continue
+            records.append(
+                FlaggedRecord(
+                    id=flag_id,
+                    created_at=datetime.fromtimestamp(ticket.created_at, UTC),
+                    model=p.flag.model,
+                    version=int(p.flag.version),
+                    score=float(p.flag.score),
+                    p_value=float(p.flag.p_value),
+                    key=p.flag.key,
+                    metadata=json.loads(p.metadata_json),
+                    image_sha256=p.sha256,
+                    image_ext=p.ext,
+                    review="unreviewed",
+                    reviewed_at=None,
                 )
-                for flag, sha, ext, meta in rows
-            ]
-        )
-        return [
-            FlaggedRecord(
-                id=flag_id,
-                created_at=datetime.fromtimestamp(now, UTC),
-                model=flag.model,
-                version=int(flag.version),
-                score=float(flag.score),
-                p_value=float(flag.p_value),
-                key=flag.key,
-                metadata=json.loads(metadata_json),
-                image_sha256=sha256,
-                image_ext=ext,
-                review="unreviewed",
-                reviewed_at=None,
             )
-            for flag_id, (flag, sha256, ext, metadata_json) in zip(ids, rows, strict=True)
-        ]
+        return records
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(x) for x in items]``, on the store's small I/O pool when there is more than one."""
@@ -300,13 +280,13 @@ class FlaggedStore:
                 self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="flagged-io")
         return list(self._pool.map(fn, items))
 
-    def _commit_rows(self, rows: list[tuple[Any, ...]]) -> tuple[list[int], float]:
+    def _commit(self, flags: list[PreparedFlag]) -> _Ticket:
         """Insert rows durably, sharing one commit (one WAL fsync) with whatever other threads are adding.
 
         Group commit: a thread that finds no commit running commits every row queued so far; threads
-        arriving meanwhile queue theirs for the next commit. Returns (ids in order, created_at).
+        arriving meanwhile queue theirs for the next commit.
         """
-        ticket = _Ticket(rows)
+        ticket = _Ticket(flags)
         with self._queue_lock:
             self._queued.append(ticket)
         with self._commit_lock:
@@ -317,10 +297,7 @@ class FlaggedStore:
                 try:
                     with self._transaction() as conn:
                         for member in group:
-                            member.ids = [
-                                int(conn.execute(_INSERT, (now, *row)).lastrowid or 0) for row in member.rows
-                            ]
-                            member.created_at = now
+                            self._insert(conn, member, now)
                 except BaseException as exc:
                     for member in group:
                         member.error = exc
@@ -330,12 +307,45 @@ class FlaggedStore:
                         member.done = True
         if ticket.error is not None:
             raise ticket.error
-        return ticket.ids, ticket.created_at
+        return ticket
+
+    def _insert(self, conn: sqlite3.Connection, ticket: _Ticket, now: float) -> None:
+        """One ticket's rows, inside the group's transaction (SQLite's write lock is held)."""
+        ticket.ids, ticket.existing, ticket.created_at = [], set(), now
+        for index, p in enumerate(ticket.flags):
+            if not self.images.path(p.sha256, p.ext).is_file():
+                # Retention deleted this (shared) image after we wrote it: write it again. Images are
+                # only deleted under the write lock we hold now, so it stays until our commit.
+                self.images.put_many([(p.data, p.ext)])
+            conn.execute(
+                "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", (p.sha256, p.ext, len(p.data), now)
+            )
+            flag = p.flag
+            row = conn.execute(
+                _INSERT,
+                (
+                    now,
+                    flag.model,
+                    int(flag.version),
+                    float(flag.score),
+                    float(flag.p_value),
+                    flag.key,
+                    p.metadata_json,
+                    p.sha256,
+                    p.ext,
+                    flag.idempotency_key,
+                ),
+            ).fetchone()
+            if row is None:  # the idempotency key is taken: the flag is already stored
+                row = conn.execute(
+                    "SELECT id FROM flags WHERE idempotency_key = ?", (flag.idempotency_key,)
+                ).fetchone()
+                ticket.existing.add(index)
+            ticket.ids.append(int(row[0]))
 
     def review(self, flag_id: int, label: str) -> FlaggedRecord:
         """Record a reviewer's verdict (``edge_case`` or ``normal``); reviewing again overwrites it."""
-        if label not in REVIEW_LABELS:
-            raise ValueError(f"review label must be one of {', '.join(REVIEW_LABELS)}, got {label!r}")
+        check_label(label)
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE flags SET review = ?, reviewed_at = ? WHERE id = ?", (label, time.time(), flag_id)
@@ -380,15 +390,12 @@ class FlaggedStore:
         limit: int = 50,
         offset: int = 0,
         newest_first: bool = True,
-    ) -> tuple[list[FlaggedRecord], int]:
+    ) -> tuple[builtins.list[FlaggedRecord], int]:
         """Flags matching every given filter (``since`` inclusive, ``until`` exclusive), a page of them.
 
         Returns ``(records, total)`` where ``total`` counts every match, not just this page.
         """
-        if review is not None and review not in REVIEW_STATES:
-            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, got {review!r}")
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must be >= 0, got limit={limit} offset={offset}")
+        check_list_args(review, limit, offset)
         clauses, params = self._filters(model, version, since, until, review)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         order = "DESC" if newest_first else "ASC"
@@ -417,8 +424,8 @@ class FlaggedStore:
         for clause, value in (
             ("model = ?", model),
             ("version = ?", version),
-            ("created_at >= ?", _epoch(since)),
-            ("created_at < ?", _epoch(until)),
+            ("created_at >= ?", as_epoch(since)),
+            ("created_at < ?", as_epoch(until)),
             ("review = ?", review),
         ):
             if value is not None:
@@ -431,20 +438,52 @@ class FlaggedStore:
         record = self.get(flag_id)
         return self.images.path(record.image_sha256, record.image_ext)
 
-    def read_image(self, flag_id: int) -> tuple[bytes, str]:
-        """A flag's image bytes and media type."""
-        record = self.get(flag_id)
-        return self.images.path(record.image_sha256, record.image_ext).read_bytes(), record.media_type
+    def image_of(self, record: FlaggedRecord) -> bytes:
+        try:
+            return self.images.read(record.image_sha256, record.image_ext)
+        except FileNotFoundError as exc:
+            raise ImageMissingError(
+                f"the image of flag {record.id} is missing from the store ({record.image_sha256})"
+            ) from exc
 
     def count(self) -> int:
         """Number of flags (rows), however many distinct images they share."""
         return int(self._connection().execute("SELECT COUNT(*) FROM flags").fetchone()[0])
 
-    # -- export ------------------------------------------------------------------------------
+    def stats(self) -> StoreStats:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT (SELECT COUNT(*) FROM flags), (SELECT COUNT(*) FROM images),"
+                " (SELECT COALESCE(SUM(bytes), 0) FROM images)"
+            )
+            .fetchone()
+        )
+        return StoreStats(frames=int(row[0]), images=int(row[1]), bytes=int(row[2]))
 
-    def export(self, review: str, out: Path | str, *, overwrite: bool = False) -> int:
-        """Write the flags in one review state as a labelled folder for ``edgecase train --data``
-        (:func:`service.flagged_export.export_flags`); returns the frames written."""
-        from service.flagged_export import export_flags
+    # -- retention ---------------------------------------------------------------------------
 
-        return export_flags(self, review, out, overwrite=overwrite)
+    def _delete_excess(self) -> int:
+        with self._transaction() as conn:  # the write lock: one pruner at a time, across processes
+            frames, live_bytes = conn.execute(
+                f"SELECT (SELECT COUNT(*) FROM flags), {_LIVE_BYTES}"
+            ).fetchone()
+            excess = self.retention.excess(StoreStats(int(frames), 0, int(live_bytes)))
+            if excess == 0:
+                return 0
+            cursor = conn.execute(
+                f"DELETE FROM flags WHERE id IN (SELECT id FROM flags {RETENTION_ORDER} LIMIT ?)", (excess,)
+            )
+            return int(cursor.rowcount)
+
+    def collect_images(self) -> int:
+        # Under the write lock: no commit can start pointing to an image while we delete it. A crash
+        # after the unlink and before the commit leaves the row, and the next collection retries.
+        if self._connection().execute(f"SELECT EXISTS (SELECT 1 {_UNREFERENCED})").fetchone()[0] == 0:
+            return 0  # nothing to collect: do not take the write lock
+        with self._transaction() as conn:
+            gone = conn.execute(f"SELECT sha256, ext {_UNREFERENCED}").fetchall()
+            for sha256, ext in gone:
+                self.images.delete(sha256, ext)
+            conn.execute(f"DELETE {_UNREFERENCED}")
+        return len(gone)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.flagged import FlaggedRecord, FlaggedStore
+    from service.flag_store import FlaggedRecord, FlagStore
 
 EXPORT_MANIFEST = "flagged_export.json"
 
 
-def export_flags(store: FlaggedStore, review: str, out: Path | str, *, overwrite: bool = False) -> int:
+def export_flags(store: FlagStore, review: str, out: Path | str, *, overwrite: bool = False) -> int:
     """Write the flags in one review state as a labelled folder; returns the frames written.
 
     Frames go to ``out/<key>.png`` with keys ``<split>/<family>/<family>_<id:06d>`` (the flag id
@@ -32,7 +32,7 @@ def export_flags(store: FlaggedStore, review: str, out: Path | str, *, overwrite
     from contract.frames import FrameDecodeError, decode_frame, encode_png
     from contract.labels import LABELS_FILENAME, LabelRow, write_labels
     from contract.writers import open_writer
-    from service.flagged import REVIEW_STATES
+    from service.flag_store import REVIEW_STATES
 
     if review not in REVIEW_STATES:
         raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, got {review!r}")
@@ -49,7 +49,7 @@ def export_flags(store: FlaggedStore, review: str, out: Path | str, *, overwrite
             if record.image_sha256 in seen:
                 continue
             seen.add(record.image_sha256)
-            data = store.images.path(record.image_sha256, record.image_ext).read_bytes()
+            data = store.image_of(record)  # through the store: a file, or an object in a bucket
             if record.image_ext != "png":
                 try:
                     data = encode_png(decode_frame(data))
@@ -59,7 +59,7 @@ def export_flags(store: FlaggedStore, review: str, out: Path | str, *, overwrite
             path = writer.write(key, data, {})
             labels.append(LabelRow(key=key, path=path, split=split, family=family, strength=strength))
             provenance.append({"key": key, "flag_id": record.id, **_provenance(record)})
-    manifest = {"store": str(store.root), "review": review, "frames": provenance}
+    manifest = {"store": store.location, "review": review, "frames": provenance}
     tmp = out / f".{EXPORT_MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / EXPORT_MANIFEST)
@@ -68,7 +68,7 @@ def export_flags(store: FlaggedStore, review: str, out: Path | str, *, overwrite
     return len(labels)
 
 
-def _iter_review(store: FlaggedStore, review: str, page: int = 500) -> Iterator[FlaggedRecord]:
+def _iter_review(store: FlagStore, review: str, page: int = 500) -> Iterator[FlaggedRecord]:
     """Every flag in one review state, oldest first, a page at a time (bounded memory)."""
     offset = 0
     while True:

@@ -13,7 +13,11 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 MEDIA_TYPES: dict[str, str] = {
     "png": "image/png",
@@ -49,8 +53,29 @@ class ImageFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def path(self, sha256: str, ext: str) -> Path:
         return self.root / sha256[:2] / f"{sha256}.{ext}"
+
+    def read(self, sha256: str, ext: str) -> bytes:
+        """An image's bytes; ``FileNotFoundError`` if it is not stored."""
+        return self.path(sha256, ext).read_bytes()
+
+    def delete(self, sha256: str, ext: str) -> None:
+        """Remove an image (no error if it is already gone)."""
+        self.path(sha256, ext).unlink(missing_ok=True)
+
+    def put_many(self, items: Sequence[tuple[bytes, str]], map_fn: MapFn | None = None) -> None:
+        """Write ``(data, ext)`` images and make them durable (files, then their folders, fsynced).
+
+        ``map_fn`` runs the writes (e.g. on a thread pool: fsync waits on the disk, not the CPU).
+        """
+        run: MapFn = map_fn or (lambda fn, xs: [fn(x) for x in xs])
+        written = run(lambda item: self.write(item[0], item[1]), items)
+        run(fsync_dir, sorted({folder for _, folder in written}))
 
     def write(self, data: bytes, ext: str) -> tuple[str, Path]:
         """Store ``data`` once under its sha256; returns ``(digest, the folder holding it)``.

@@ -153,6 +153,25 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        # The flagged store's size: every worker (and replica) measures the one shared store, so the
+        # most recent measurement is the value (take max() across replicas in queries).
+        self.flagged_store_frames = Gauge(
+            "edgecase_flagged_store_frames",
+            "Flags held by the flagged store (what retention's flagged_max_frames bounds)",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.flagged_store_bytes = Gauge(
+            "edgecase_flagged_store_bytes",
+            "Image bytes held by the flagged store (what retention's flagged_max_bytes bounds)",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.flagged_pruned = Counter(
+            "edgecase_flagged_pruned_total",
+            "Flags deleted by the flagged store's retention (oldest unreviewed first)",
+            registry=r,
+        )
         self.model_loads = Counter(
             "edgecase_model_loads_total",
             "Model version loads by outcome: loaded (now serving) or refused (kept the old one)",

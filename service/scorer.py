@@ -20,7 +20,6 @@ import numpy.typing as npt
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from contract.frames import encode_png
 from contract.manifest import is_edge_case
 from service.decoding import Payload, decode_frames, to_batch
 from service.errors import InferenceError, StoreError
@@ -149,14 +148,15 @@ async def _flag(
     indices = [int(i) for i in np.flatnonzero(edge)]
     if not indices or store is None:
         return {}
-    from service.flagged import NewFlag  # the store's module, loaded only when a store exists
+    from service.flag_store import NewFlag, bounded_image  # loaded only when a store exists
 
     def build_and_add() -> list[Any]:
         flags = []
         for i in indices:
-            ext = payloads[i].image_ext
-            # Kept as sent when PNG/JPEG/WebP (identical frames dedupe); other formats as decoded PNG.
-            data = payloads[i].data if ext else encode_png(frames[i])
+            # Kept as sent when PNG/JPEG/WebP and within the store's size cap (identical frames dedupe);
+            # otherwise the decoded frame re-encoded as PNG, shrunk to fit the cap.
+            cap = int(getattr(store, "max_image_bytes", 0))
+            data, ext = bounded_image(payloads[i].data, payloads[i].image_ext, frames[i], cap)
             flags.append(
                 NewFlag(
                     image=data,
@@ -166,7 +166,7 @@ async def _flag(
                     p_value=float(p_values[i]),
                     key=payloads[i].key,
                     metadata={"source": source, "threshold": model.threshold},
-                    ext=ext or "png",
+                    ext=ext,
                 )
             )
         return list(store.add_many(flags))

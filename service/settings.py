@@ -7,6 +7,7 @@ factory takes a `Settings` explicitly so tests never depend on the environment.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.keys import parse_keys, read_key_file
 
 ENV_PREFIX = "EDGECASE_"
+MIN_IMAGE_CAP = 16 * 1024
 
 
 def _split_list(value: Any) -> Any:
@@ -24,8 +26,6 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
@@ -81,7 +81,35 @@ class Settings(BaseSettings):
     swap_drain_s: float = Field(
         30.0, ge=0.0, description="on a swap, how long the old version waits for requests that resolved it"
     )
-    flagged_dir: Path = Field(Path("flagged"), description="where the flagged-frame store lives")
+    flagged_dir: Path = Field(
+        Path("flagged"), description="the embedded flagged store (SQLite + image files), unless flagged_url"
+    )
+    # The shared flagged store (many replicas, one review queue): rows in PostgreSQL, images in an
+    # object store through fsspec. Unset flagged_url = the embedded store in flagged_dir.
+    flagged_url: str | None = Field(
+        None, description="PostgreSQL URL of the shared flagged store, e.g. postgresql://user:pw@db/edgecase"
+    )
+    flagged_images: str | None = Field(
+        None,
+        description="where the shared store keeps images: s3://bucket/prefix/ (fsspec) or a shared folder",
+    )
+    flagged_images_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for flagged_images as JSON, e.g. "
+        '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}; s3fs also reads the AWS_* variables',
+    )
+    flagged_pool_size: int = Field(8, ge=1, description="PostgreSQL connections per worker process")
+    flagged_max_frames: int = Field(0, ge=0, description="retention: most flags kept (0 = no limit)")
+    flagged_max_bytes: int = Field(0, ge=0, description="retention: most image bytes kept (0 = no limit)")
+    flagged_max_image_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        description="a flagged frame's bytes are kept as sent up to this size, else the decoded frame is "
+        "re-encoded as PNG (shrunk until it fits); 0 = keep originals of any size",
+    )
+    flagged_retention_poll_s: float = Field(
+        60.0, ge=0.0, description="how often retention runs and the store-size gauges update; 0 = never"
+    )
     reload_poll_s: float = Field(5.0, ge=0.0, description="poll the repo for new versions; 0 = off")
     providers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="onnxruntime execution providers; None = CUDA when available, else CPU"
@@ -123,7 +151,7 @@ class Settings(BaseSettings):
         parse_keys(value, "EDGECASE_API_KEYS")  # raises KeyConfigError (a ValueError) naming the problem
         return value
 
-    @field_validator("default_model", mode="before")
+    @field_validator("default_model", "flagged_url", "flagged_images", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -139,6 +167,11 @@ class Settings(BaseSettings):
             raise ValueError("set EDGECASE_API_KEYS or EDGECASE_API_KEYS_FILE, not both")
         if self.api_keys_file is not None:
             read_key_file(self.api_keys_file)  # unreadable or empty: fail now, not on the first request
+        if 0 < self.flagged_max_image_bytes < MIN_IMAGE_CAP:
+            raise ValueError(
+                f"flagged_max_image_bytes must be 0 (no cap) or at least {MIN_IMAGE_CAP} bytes, got "
+                f"{self.flagged_max_image_bytes}: below that not even a thumbnail fits"
+            )
         if self.max_queue_frames < self.max_batch_size:
             raise ValueError(
                 f"max_queue_frames ({self.max_queue_frames}) must be at least max_batch_size "
@@ -152,7 +185,10 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None or (name == "api_keys" and not value):  # no keys: unset, never set-but-empty
                 continue
-            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            if isinstance(value, dict):
+                text = json.dumps(value)
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             env[f"{ENV_PREFIX}{name.upper()}"] = text
         return env
 

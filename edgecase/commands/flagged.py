@@ -2,7 +2,9 @@
 
 `export` turns reviewed flags into a labelled folder that `edgecase train --data` reads (frames
 reviewed as normal go back into the normal training set); `list` shows what is in the store; `review`
-labels one flag from the shell. The store itself is `service/flagged.py` (no server needed).
+labels one flag from the shell. The store is opened directly (no server needed): the embedded one
+(`service/flagged.py`, a folder) or the shared one (`service/flagged_postgres.py`, a PostgreSQL URL plus
+the images' location), read through the same interface (`service/flag_store.py`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from typing import TYPE_CHECKING
 from edgecase.commands import add_command
 
 if TYPE_CHECKING:  # the service is imported inside the handlers (no heavy imports at parse time)
-    from service.flagged import FlaggedStore
+    from service.flag_store import FlagStore
 
 STORE_ENV = "EDGECASE_FLAGGED_DIR"
+URL_ENV = "EDGECASE_FLAGGED_URL"
+IMAGES_ENV = "EDGECASE_FLAGGED_IMAGES"
 
 
-def _default_store() -> Path:
-    """The store the service writes to when started from this shell (same env var), else ./flagged."""
-    return Path(os.environ.get(STORE_ENV, "flagged"))
+def _default_store() -> str:
+    """The store the service writes to when started from this shell (same env vars), else ./flagged."""
+    return os.environ.get(URL_ENV) or os.environ.get(STORE_ENV, "flagged")
 
 
 def _datetime(text: str) -> datetime:
@@ -38,12 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "flagged",
         "List, review and export flagged frames (export: a labelled folder for `edgecase train --data`).",
-        "edgecase flagged export --review normal --out data/reviewed --store flagged/",
+        "edgecase flagged export --review normal --out data/reviewed --store flagged/\n"
+        "  edgecase flagged list --store postgresql://edgecase@db/edgecase --images s3://bucket/flagged/",
     )
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
 
-    store_help = f"flagged-frame store folder (default: ${STORE_ENV} or ./flagged)"
+    store_help = (
+        f"flagged-frame store: a folder (SQLite + files) or a postgresql:// URL (default: ${URL_ENV}, "
+        f"else ${STORE_ENV}, else ./flagged)"
+    )
+    images_help = (
+        f"with a postgresql:// store: where its images are, s3://bucket/prefix/ or a folder "
+        f"(default: ${IMAGES_ENV})"
+    )
     export = actions.add_parser(
         "export",
         help="write flags in one review state as frames + labels.csv",
@@ -55,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--review", required=True, choices=["normal", "edge_case", "unreviewed"])
     export.add_argument("--out", type=Path, required=True, help="output folder (must not hold a labels.csv)")
-    export.add_argument("--store", type=Path, default=None, help=store_help)
+    export.add_argument("--store", default=None, help=store_help)
+    export.add_argument("--images", default=None, help=images_help)
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     export.set_defaults(handler=run_export)
 
@@ -66,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="Example:\n  edgecase flagged list --review unreviewed --model vae-vae-elbo --limit 20",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    listing.add_argument("--store", type=Path, default=None, help=store_help)
+    listing.add_argument("--store", default=None, help=store_help)
+    listing.add_argument("--images", default=None, help=images_help)
     listing.add_argument("--model", default=None)
     listing.add_argument("--version", type=int, default=None)
     listing.add_argument("--review", choices=["normal", "edge_case", "unreviewed"], default=None)
@@ -85,16 +99,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     review.add_argument("id", type=int, help="flag id (from `edgecase flagged list`)")
     review.add_argument("label", choices=["edge_case", "normal"])
-    review.add_argument("--store", type=Path, default=None, help=store_help)
+    review.add_argument("--store", default=None, help=store_help)
+    review.add_argument("--images", default=None, help=images_help)
     review.set_defaults(handler=run_review)
 
 
-def _open_store(path: Path | None) -> FlaggedStore:
+def _open_store(args: argparse.Namespace) -> FlagStore:
     from edgecase.cli import CliError
+
+    store = args.store if args.store is not None else _default_store()
+    if store.startswith(("postgresql://", "postgres://")):
+        from service.flagged_postgres import PostgresFlagStore
+
+        images = args.images or os.environ.get(IMAGES_ENV)
+        if not images:
+            raise CliError(f"a postgresql:// store needs --images or ${IMAGES_ENV} (s3://bucket/prefix/)")
+        try:
+            from service.settings import Settings
+
+            # EDGECASE_FLAGGED_IMAGES_OPTIONS (fsspec options, e.g. an S3 endpoint), as the service reads it
+            return PostgresFlagStore(store, images, storage_options=Settings().flagged_images_options)
+        except Exception as exc:  # unreachable database, missing bucket: one line, not a traceback
+            raise CliError(f"cannot open the flagged store {store.split('@')[-1]}: {exc}") from exc
     from service.flagged import DB_FILE, FlaggedStore
 
-    store = path if path is not None else _default_store()
-    if not (store / DB_FILE).is_file():
+    if not (Path(store) / DB_FILE).is_file():
         raise CliError(f"no flagged-frame store at {store} (no {DB_FILE}); pass --store or set ${STORE_ENV}")
     return FlaggedStore(store)
 
@@ -102,7 +131,7 @@ def _open_store(path: Path | None) -> FlaggedStore:
 def run_export(args: argparse.Namespace) -> int:
     from edgecase.cli import CliError
 
-    with _open_store(args.store) as store:
+    with _open_store(args) as store:
         try:
             written = store.export(args.review, args.out, overwrite=args.overwrite)
         except (FileExistsError, ValueError) as exc:
@@ -118,7 +147,7 @@ def run_list(args: argparse.Namespace) -> int:
 
     if args.limit < 0 or args.offset < 0:
         raise CliError("--limit and --offset must be >= 0")
-    with _open_store(args.store) as store:
+    with _open_store(args) as store:
         records, total = store.list(
             model=args.model,
             version=args.version,
@@ -141,9 +170,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_review(args: argparse.Namespace) -> int:
     from edgecase.cli import CliError
-    from service.flagged import FlaggedNotFoundError
+    from service.flag_store import FlaggedNotFoundError
 
-    with _open_store(args.store) as store:
+    with _open_store(args) as store:
         try:
             record = store.review(args.id, args.label)
         except FlaggedNotFoundError as exc:

@@ -36,5 +36,5 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 async def get_store(request: Request) -> Any:
-    """The flagged-frame store, or None when service.flagged is not installed."""
+    """The flagged-frame store (a FlagStore), or None when service.flag_store is not installed."""
     return getattr(request.app.state, "store", None)

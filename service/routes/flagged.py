@@ -1,9 +1,10 @@
 """HTTP routes of the flagged-frame store: list flags, fetch a flagged image, record a review.
 
-Thin on purpose: the store (`service/flagged.py`, built in the app's lifespan and kept on
-`app.state.store`) does the work; these routes validate input, shape responses with pydantic models
-(so the OpenAPI spec says exactly what clients get) and map a missing flag to 404. Handlers are plain
-`def`s: FastAPI runs them in its thread pool, where blocking SQLite reads belong.
+Thin on purpose: the store (a `service.flag_store.FlagStore`: SQLite + files, or PostgreSQL + an object
+store; built in the app's lifespan and kept on `app.state.store`) does the work; these routes validate
+input, shape responses with pydantic models (so the OpenAPI spec says exactly what clients get) and map
+a missing flag to 404. Handlers are plain
+`def`s: FastAPI runs them in its thread pool, where blocking database and object-store reads belong.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.auth import KeyFirstRoute, require_review
 from service.errors import NotFoundError, NotReadyError, error_responses
-from service.flagged import (
+from service.flag_store import (
     FlaggedNotFoundError,
     FlaggedRecord,
-    FlaggedStore,
+    FlagStore,
+    ImageMissingError,
     ReviewLabel,
     ReviewState,
 )
@@ -108,15 +110,15 @@ def item_of(record: FlaggedRecord) -> FlaggedItem:
     )
 
 
-def get_store(request: Request) -> FlaggedStore:
+def get_store(request: Request) -> FlagStore:
     """The app's flagged store (tests replace this dependency)."""
-    store: FlaggedStore | None = getattr(request.app.state, "store", None)
+    store: FlagStore | None = getattr(request.app.state, "store", None)
     if store is None:
         raise NotReadyError("the flagged-frame store is not open yet")
     return store
 
 
-StoreDep = Annotated[FlaggedStore, Depends(get_store)]
+StoreDep = Annotated[FlagStore, Depends(get_store)]
 FlagId = Annotated[int, Path(ge=1, le=_MAX_ID, description="flag id")]
 
 
@@ -144,7 +146,7 @@ def list_flagged(
 
 @router.get(
     "/flagged/{flag_id}/image",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {
             "content": {media: {} for media in sorted(set(MEDIA_TYPES.values()))},
@@ -153,16 +155,21 @@ def list_flagged(
         **error_responses(401, 404, 422, 503),
     },
 )
-def get_flagged_image(flag_id: FlagId, store: StoreDep) -> FileResponse:
-    """The flagged frame's image bytes, as they were received."""
+def get_flagged_image(flag_id: FlagId, store: StoreDep) -> Response:
+    """The flagged frame's image bytes, as they were stored."""
     try:
         record = store.get(flag_id)
+        data = store.image_of(record)
     except FlaggedNotFoundError as exc:
         raise NotFoundError(str(exc)) from exc
-    path = store.image_path(record.id)
-    if not path.is_file():  # only if someone deleted files under the store by hand
-        raise NotFoundError(f"the image of flag {flag_id} is missing from the store ({path.name})")
-    return FileResponse(path, media_type=record.media_type, filename=f"flag-{record.id}.{record.image_ext}")
+    except ImageMissingError as exc:  # only if someone deleted images under the store by hand
+        raise NotFoundError(str(exc)) from exc
+    filename = f"flag-{record.id}.{record.image_ext}"
+    return Response(
+        data,
+        media_type=record.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.post(

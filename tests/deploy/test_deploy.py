@@ -164,8 +164,8 @@ def test_the_kubernetes_manifest_probes_real_routes_and_keeps_one_store_writer()
 def test_the_serving_images_never_install_torch() -> None:
     cpu = (DEPLOY / "Dockerfile").read_text()
     gpu = (DEPLOY / "Dockerfile.gpu").read_text()
-    assert "FROM python:3.11-slim" in cpu and "'.[serve,cpu]'" in cpu
-    assert "nvidia/cuda" in gpu and "'.[serve,gpu]'" in gpu
+    assert "FROM python:3.11-slim" in cpu and "'.[serve,cpu,store]'" in cpu
+    assert "nvidia/cuda" in gpu and "'.[serve,gpu,store]'" in gpu
     for text in (cpu, gpu):
         install_lines = [line for line in text.splitlines() if "pip install" in line]
         assert not any("torch" in line or "train" in line for line in install_lines)
