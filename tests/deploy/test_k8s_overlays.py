@@ -29,13 +29,6 @@ SINGLE = ["overlays/cpu", "overlays/gpu"]
 FLEET = ["overlays/shared-store", "overlays/gpu-shared-store"]
 GPU = {"overlays/gpu", "overlays/gpu-shared-store"}
 SHARED_STORE_ENV = {"EDGECASE_FLAGGED_URL", "EDGECASE_FLAGGED_IMAGES"}
-# Issue 15 items 1-2 add these two Settings fields on another branch; once merged this set is empty and
-# the check below is strict for them too.
-NOT_YET_SETTINGS = {
-    n for n in SHARED_STORE_ENV if n.removeprefix(ENV_PREFIX).lower() not in Settings.model_fields
-}
-
-
 @cache
 def render(overlay: str) -> dict[str, list[dict[str, Any]]]:
     """The overlay's objects by kind (kubectl kustomize; empty documents dropped)."""
@@ -87,7 +80,7 @@ def test_probes_ports_and_settings_agree_with_the_service(overlay: str) -> None:
         for n in names
         if n.startswith(ENV_PREFIX) and n.removeprefix(ENV_PREFIX).lower() not in Settings.model_fields
     }
-    assert unknown <= NOT_YET_SETTINGS, f"EDGECASE_* names Settings does not read: {sorted(unknown)}"
+    assert not unknown, f"EDGECASE_* names Settings does not read: {sorted(unknown)}"
     env = literal_env(container)
     settings = Settings(
         **{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
