@@ -29,6 +29,8 @@ SINGLE = ["overlays/cpu", "overlays/gpu"]
 FLEET = ["overlays/shared-store", "overlays/gpu-shared-store"]
 GPU = {"overlays/gpu", "overlays/gpu-shared-store"}
 SHARED_STORE_ENV = {"EDGECASE_FLAGGED_URL", "EDGECASE_FLAGGED_IMAGES"}
+
+
 @cache
 def render(overlay: str) -> dict[str, list[dict[str, Any]]]:
     """The overlay's objects by kind (kubectl kustomize; empty documents dropped)."""
