@@ -1,5 +1,10 @@
 """One scoring request: decode, resize, batch, score, flag, observe.
 
+Frames are checked against the pixel limits from their headers, then decoded and resized one at a time
+(`service.decoding.prepare_batch`) on the app's decode threads, or on the event loop when the request
+decodes to only a few pixels. Everything up to the model's answer (the wait for startup, the decode
+threads, the batcher queue, inference) must end within `request_deadline_s`: a 503 otherwise.
+
 The math is the exported graph's (the batcher runs the model's onnxruntime session); this module adds
 what a request needs around it: the p-value against the calibration scores, the one flag rule
 (`contract.manifest.is_edge_case`), a durable write of every edge case to the flagged store *before*
@@ -10,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,19 +27,24 @@ import numpy.typing as npt
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from contract.frames import encode_png
+from contract.frames import decode_frame, encode_png
 from contract.manifest import is_edge_case
-from service.batcher import BatcherClosedError
-from service.decoding import Payload, decode_frames, to_batch
-from service.errors import InferenceError, NotReadyError, StoreError
+from service.batcher import BatcherClosedError, Outputs
+from service.decoding import (
+    INLINE_DECODE_PIXELS,
+    INLINE_PROBE_FRAMES,
+    Payload,
+    PixelLimits,
+    decode_batch,
+    prepare_batch,
+    probe_payloads,
+)
+from service.errors import DeadlineExceededError, InferenceError, NotReadyError, StoreError
 from service.metrics import Metrics
-from service.pool import ModelPool
+from service.pool import ModelPool, Serving
 from service.registry import LoadedModel
 
 log = logging.getLogger(__name__)
-
-INLINE_DECODE_BYTES = 32 * 1024
-"""Requests whose images add up to at most this many bytes are decoded on the event loop."""
 
 
 class FrameResult(BaseModel):
@@ -69,7 +81,10 @@ class ScoreOptions:
     version: int | None = None
     maps: bool = False
     max_pixels: int = 16_000_000
+    max_request_pixels: int = 128_000_000
     source: str = "json"
+    deadline_s: float = 30.0
+    decoder: Executor | None = None  # the app's decode threads; None = asyncio's default pool
 
 
 def encode_map(values: npt.NDArray[np.float32]) -> tuple[str, float, float]:
@@ -86,25 +101,18 @@ async def score_payloads(
     pool: ModelPool, payloads: list[Payload], options: ScoreOptions, store: Any = None
 ) -> ScoreResponse:
     """Decode, resize, batch, score; write edge cases to the store before returning (durable ack)."""
-    serving = await pool.resolve(options.model, options.version)
-    h, w, _ = serving.model.frame_shape
-    if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
-        # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.
-        frames, batch = _prepare(payloads, h, w, options.max_pixels)
-    else:
-        with serving.batcher.incoming():
-            frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
-    for _attempt in range(3):
-        try:
-            outputs = await serving.batcher.submit(batch)
-            break
-        except BatcherClosedError:  # swapped while we were resizing: go to the new version
-            serving = await pool.resolve(options.model, options.version)
-            if serving.model.frame_shape != batch.shape[1:]:
-                h, w, _ = serving.model.frame_shape
-                batch = await asyncio.to_thread(to_batch, frames, h, w)
-    else:
-        raise NotReadyError("model versions are being swapped; retry")
+    deadline = asyncio.timeout(options.deadline_s)
+    try:
+        async with deadline:
+            serving, outputs = await _infer(pool, payloads, options)
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise
+        raise DeadlineExceededError(
+            f"{len(payloads)} frame(s) not scored within the deadline of {options.deadline_s:g} s "
+            "(the service is overloaded); retry later",
+            retry_after_s=max(1, round(options.deadline_s / 10)),
+        ) from exc
     model = serving.model
     scores = outputs["score"].astype(np.float64)
     bad = [payloads[i].key for i in np.flatnonzero(~np.isfinite(scores))]
@@ -113,7 +121,7 @@ async def score_payloads(
     p_values = model.p_values(scores)
     threshold = model.threshold
     edge = is_edge_case(scores, threshold)
-    flagged = await _flag(store, model, payloads, frames, scores, p_values, edge, options.source)
+    flagged = await _flag(store, model, payloads, scores, p_values, edge, options.source)
     maps = outputs.get("anomaly_map") if options.maps else None
     encoded = await asyncio.to_thread(lambda: [encode_map(m) for m in maps]) if maps is not None else None
     _observe(pool.metrics, model, scores, p_values, int(edge.sum()))
@@ -135,18 +143,45 @@ async def score_payloads(
     return ScoreResponse(model=model.name, version=model.version, results=results)
 
 
-def _prepare(
-    payloads: list[Payload], h: int, w: int, max_pixels: int
-) -> tuple[list[npt.NDArray[np.uint8]], npt.NDArray[np.uint8]]:
-    frames = decode_frames(payloads, max_pixels=max_pixels)
-    return frames, to_batch(frames, h, w)
+async def _infer(pool: ModelPool, payloads: list[Payload], options: ScoreOptions) -> tuple[Serving, Outputs]:
+    """Resolve the model, turn the payloads into its input batch, and wait for the batcher's answer."""
+    serving = await pool.resolve(options.model, options.version)
+    limits = PixelLimits(per_frame=options.max_pixels, per_request=options.max_request_pixels)
+    size = _input_side(serving)
+    few = len(payloads) <= INLINE_PROBE_FRAMES
+    if few and probe_payloads(payloads, size, limits) <= INLINE_DECODE_PIXELS:
+        # A few small frames decode in a fraction of a millisecond, less than a hop to a thread costs.
+        batch = decode_batch(payloads, size, limits.per_frame)
+    else:
+        with serving.batcher.incoming():
+            batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+    for _attempt in range(3):
+        try:
+            return serving, await serving.batcher.submit(batch)
+        except BatcherClosedError:  # swapped while we were decoding: go to the new version
+            serving = await pool.resolve(options.model, options.version)
+            if serving.model.frame_shape != batch.shape[1:]:
+                size = _input_side(serving)
+                batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+    raise NotReadyError("model versions are being swapped; retry")
+
+
+def _input_side(serving: Serving) -> int:
+    h, w, _ = serving.model.frame_shape
+    if h != w:
+        raise ValueError(f"the center-crop-bilinear rule makes square frames; model wants {h}x{w}")
+    return int(h)
+
+
+async def _in_decoder(options: ScoreOptions, fn: Any, *args: Any) -> Any:
+    """Run blocking decode work on the app's decode threads (bounded: memory is one frame per thread)."""
+    return await asyncio.get_running_loop().run_in_executor(options.decoder, functools.partial(fn, *args))
 
 
 async def _flag(
     store: Any,
     model: LoadedModel,
     payloads: list[Payload],
-    frames: list[npt.NDArray[np.uint8]],
     scores: npt.NDArray[np.float64],
     p_values: npt.NDArray[np.float64],
     edge: npt.NDArray[np.bool_],
@@ -163,7 +198,7 @@ async def _flag(
         for i in indices:
             ext = payloads[i].image_ext
             # Kept as sent when PNG/JPEG/WebP (identical frames dedupe); other formats as decoded PNG.
-            data = payloads[i].data if ext else encode_png(frames[i])
+            data = payloads[i].data if ext else encode_png(decode_frame(payloads[i].data))
             flags.append(
                 NewFlag(
                     image=data,

@@ -1,0 +1,95 @@
+"""Admission control: an overloaded service says 429 at the start of a request, before reading its body.
+
+Under overload the expensive part of a refused request used to be paid before the refusal: the body
+read, parsed and every frame decoded, then the batcher's full queue said 429. Here POST /score is
+admitted or refused as soon as its headers are in, by two cheap facts:
+
+- requests already in flight in this worker (admitted, not yet answered) against
+  `max_requests_in_flight`; with bodies bounded by `max_body_bytes` and decoding by the decode threads,
+  this is what bounds the worker's memory under any number of clients;
+- the frames already queued in the target model's batcher (`Batcher.queued_frames`): when less than one
+  batch of room is left, a new request would only wait, then most likely be refused after decoding.
+
+A refusal is `ErrorBody` `overloaded` (in-flight limit) or `queue_full`, with `Retry-After: 1`; the
+request counter labels it with the `/score` route so the load-shedding alert
+(`edgecase:http_429:ratio_rate5m`) sees it. Probes, metrics and the other routes are never refused
+here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import OverloadedError, QueueFullError, error_response
+
+log = logging.getLogger(__name__)
+
+SCORE_PATH = "/score"
+
+
+class AdmissionMiddleware:
+    """Counts POST /score requests in flight and refuses new ones early when the worker is saturated."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.in_flight = 0
+        self._route: Any = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != SCORE_PATH:
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            scope.setdefault("route", self._score_route(scope))  # the request counter's route label
+            code, detail = refusal
+            response = error_response(429, code, detail, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    def _refusal(self, scope: Scope) -> tuple[str, str] | None:
+        """(error code, reason) when the request must be refused now, else None."""
+        app_state = scope["app"].state
+        limit = app_state.settings.max_requests_in_flight
+        if self.in_flight >= limit:
+            detail = f"{self.in_flight} requests in flight, the limit is {limit}; retry later"
+            return OverloadedError.code, detail
+        pool = getattr(app_state, "pool", None)
+        if pool is None or not pool.ready:
+            return None  # /score answers 503 itself while models load
+        name = _query_model(scope) or pool.default_name
+        serving = pool.serving().get(name) if name else None
+        if serving is None:
+            return None  # unknown model: the route answers 404
+        batcher = serving.batcher
+        if batcher.max_queue_frames - batcher.queued_frames < batcher.max_batch_size:
+            return (
+                QueueFullError.code,
+                f"model {batcher.name} version {batcher.version}: {batcher.queued_frames} frames queued, "
+                f"less than a batch of room under the limit of {batcher.max_queue_frames}; retry later",
+            )
+        return None
+
+    def _score_route(self, scope: Scope) -> Any:
+        if self._route is None:
+            router = scope["app"].router
+            self._route = next((r for r in router.routes if getattr(r, "path", None) == SCORE_PATH), None)
+        return self._route
+
+
+def _query_model(scope: Scope) -> str | None:
+    """`?model=` from the raw query string (the route has not parsed it yet)."""
+    query = scope.get("query_string", b"")
+    if b"model=" not in query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get("model")
+    return values[0] if values else None
