@@ -5,8 +5,9 @@ read, parsed and every frame decoded, then the batcher's full queue said 429. He
 admitted or refused as soon as its headers are in, by two cheap facts:
 
 - requests already in flight in this worker (admitted, not yet answered) against
-  `max_requests_in_flight`; with bodies bounded by `max_body_bytes` and decoding by the decode threads,
-  this is what bounds the worker's memory under any number of clients;
+  `max_requests_in_flight`, and their bodies' declared sizes (a chunked body counts as the largest
+  allowed) against `max_body_bytes_in_flight`: with decoding bounded by the decode threads, this is
+  what bounds the worker's memory under any number of clients (docs/security.md, "Limits");
 - the frames already queued in the target model's batcher (`Batcher.queued_frames`): when less than one
   batch of room is left, a new request would only wait, then most likely be refused after decoding.
 
@@ -25,6 +26,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import OverloadedError, QueueFullError, error_response
+from service.limits import body_limit
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,17 @@ class AdmissionMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.in_flight = 0
+        self.body_bytes_in_flight = 0  # declared (or, when chunked, the largest allowed) body sizes
         self._route: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != SCORE_PATH:
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope)
+        settings = scope["app"].state.settings
+        declared = _content_length(scope)
+        reserved = declared if declared is not None else body_limit(settings, scope)
+        refusal = self._refusal(scope, reserved)
         if refusal is not None:
             scope.setdefault("route", self._score_route(scope))  # the request counter's route label
             code, detail = refusal
@@ -51,17 +57,26 @@ class AdmissionMiddleware:
             await response(scope, receive, send)
             return
         self.in_flight += 1
+        self.body_bytes_in_flight += reserved
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.body_bytes_in_flight -= reserved
 
-    def _refusal(self, scope: Scope) -> tuple[str, str] | None:
+    def _refusal(self, scope: Scope, reserved: int) -> tuple[str, str] | None:
         """(error code, reason) when the request must be refused now, else None."""
         app_state = scope["app"].state
         limit = app_state.settings.max_requests_in_flight
         if self.in_flight >= limit:
             detail = f"{self.in_flight} requests in flight, the limit is {limit}; retry later"
+            return OverloadedError.code, detail
+        budget = app_state.settings.max_body_bytes_in_flight
+        if self.in_flight and self.body_bytes_in_flight + reserved > budget:
+            detail = (
+                f"{self.body_bytes_in_flight:,} body bytes in flight, {reserved:,} more would pass the limit "
+                f"of {budget:,}; retry later"
+            )
             return OverloadedError.code, detail
         pool = getattr(app_state, "pool", None)
         if pool is None or not pool.ready:
@@ -84,6 +99,13 @@ class AdmissionMiddleware:
             router = scope["app"].router
             self._route = next((r for r in router.routes if getattr(r, "path", None) == SCORE_PATH), None)
         return self._route
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope["headers"]:
+        if key.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _query_model(scope: Scope) -> str | None:

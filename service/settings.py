@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_requests_in_flight: int = Field(
         64, ge=1, description="POST /score requests admitted at once per worker; more answer 429 at once"
     )
+    max_body_bytes_in_flight: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="sum of the admitted /score bodies' sizes per worker (a chunked body counts as "
+        "max_body_bytes); a request that would pass it answers 429, unless nothing else is in flight",
+    )
     request_deadline_s: float = Field(
         30.0, gt=0.0, description="an admitted request's decode + queue + inference must end by then (503)"
     )
