@@ -148,13 +148,18 @@ async def _infer(pool: ModelPool, payloads: list[Payload], options: ScoreOptions
     serving = await pool.resolve(options.model, options.version)
     limits = PixelLimits(per_frame=options.max_pixels, per_request=options.max_request_pixels)
     size = _input_side(serving)
-    few = len(payloads) <= INLINE_PROBE_FRAMES
-    if few and probe_payloads(payloads, size, limits) <= INLINE_DECODE_PIXELS:
+    # A few frames' headers are read here (~30 us each), the rest's in a decode thread; either way all
+    # of them before any decode. The pixel count, not the bytes, then decides where decoding runs.
+    pixels = probe_payloads(payloads, size, limits) if len(payloads) <= INLINE_PROBE_FRAMES else None
+    if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
         # A few small frames decode in a fraction of a millisecond, less than a hop to a thread costs.
         batch = decode_batch(payloads, size, limits.per_frame)
     else:
         with serving.batcher.incoming():
-            batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+            if pixels is None:
+                batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+            else:
+                batch = await _in_decoder(options, decode_batch, payloads, size, limits.per_frame)
     for _attempt in range(3):
         try:
             return serving, await serving.batcher.submit(batch)
