@@ -70,7 +70,8 @@ def test_large_frames_within_the_budget_are_decoded_one_at_a_time(tmp_path: Path
     # 8 frames of 4000x4000 (16 Mpx each, 48 MB as RGB): within the default 128 Mpx budget, so all
     # are scored; each is resized right after decoding, so the peak is about one frame, not eight.
     publish_model(tmp_path / "models", "bright", 1)
-    body, content_type = multipart((f"{i}.png", one_bit_png(4000), "image/png") for i in range(8))
+    frame = one_bit_png(4000)
+    body, content_type = multipart((f"{i}.png", frame, "image/png") for i in range(8))
     with running_server(tmp_path / "models", {"decode_threads": 1}, log_dir=tmp_path) as server:
         with peak_growth(server) as grown:
             response = httpx.post(
@@ -79,4 +80,22 @@ def test_large_frames_within_the_budget_are_decoded_one_at_a_time(tmp_path: Path
         assert response.status_code == 200, response.text
         assert len(response.json()["results"]) == 8
         assert grown[0] < 250, f"server peak RSS grew by {grown[0]:.0f} MB (8 frames held would be 384+)"
+        assert_serves_normally(server)
+
+
+def test_the_reported_bomb_with_default_settings_is_refused_at_the_ninth_frame(tmp_path: Path) -> None:
+    # The report's request, unscaled: 256 frames of a 1-bit 4000x4000 PNG (16 Mpx each, within the
+    # per-frame limit), 0.5 MB on the wire, 12 GB decoded. The default budget (128 Mpx) holds 8.
+    publish_model(tmp_path / "models", "bright", 1)
+    frame = one_bit_png(4000)
+    body, content_type = multipart((f"{i}.png", frame, "image/png") for i in range(256))
+    assert len(body) < 1_000_000
+    with running_server(tmp_path / "models", log_dir=tmp_path) as server:
+        with peak_growth(server) as grown:
+            response = httpx.post(
+                f"{server.url}/score", content=body, headers={"Content-Type": content_type}, timeout=60
+            )
+        assert response.status_code == 413, response.text
+        assert response.json()["frame"] == "8.png"
+        assert grown[0] < 60, f"server peak RSS grew by {grown[0]:.0f} MB"
         assert_serves_normally(server)
