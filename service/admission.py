@@ -25,8 +25,8 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import OverloadedError, QueueFullError, error_response
-from service.limits import body_limit
+from service.errors import OverloadedError, QueueFullError
+from service.limits import body_limit, send_error
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ class AdmissionMiddleware:
         if refusal is not None:
             scope.setdefault("route", self._score_route(scope))  # the request counter's route label
             code, detail = refusal
-            response = error_response(429, code, detail, headers={"Retry-After": "1"})
-            await response(scope, receive, send)
+            await send_error(send, 429, code, detail, retry_after_s=1)
             return
         self.in_flight += 1
         self.body_bytes_in_flight += reserved
