@@ -83,7 +83,16 @@ class Settings(BaseSettings):
         30.0, gt=0.0, description="a request body must arrive within this many seconds of the request (408)"
     )
     max_requests_in_flight: int = Field(
-        64, ge=1, description="POST /score requests admitted at once per worker; more answer 429 at once"
+        32,
+        ge=1,
+        description="POST /score requests admitted at once per worker (32 x 32 frames = the default queue, "
+        "which then never overflows); more wait, then 429",
+    )
+    admission_wait_s: float = Field(
+        1.0, ge=0.0, description="longest wait for admission, in arrival order, before a 429 (body unread)"
+    )
+    max_requests_waiting: int = Field(
+        1024, ge=0, description="requests waiting for admission per worker; more answer 429 at once"
     )
     max_body_bytes_in_flight: int = Field(
         256 * 1024 * 1024,

@@ -57,11 +57,11 @@ def status_of(sent: list[Message]) -> tuple[int, dict[str, Any]]:
     return sent[0]["status"], (json.loads(body) if body else {})
 
 
-def test_requests_over_the_in_flight_limit_get_429_at_once() -> None:
+def test_without_a_wait_requests_over_the_in_flight_limit_get_429_at_once() -> None:
     async def scenario() -> None:
         held = Held()
         admission = AdmissionMiddleware(held)
-        settings = Settings(max_requests_in_flight=2)
+        settings = Settings(max_requests_in_flight=2, admission_wait_s=0)
         first = asyncio.create_task(call(admission, scope_for(settings)))
         second = asyncio.create_task(call(admission, scope_for(settings)))
         await asyncio.sleep(0.01)
@@ -86,7 +86,7 @@ def test_the_sum_of_body_sizes_in_flight_is_bounded() -> None:
     async def scenario() -> None:
         held = Held()
         admission = AdmissionMiddleware(held)
-        settings = Settings(max_body_bytes_in_flight=10_000_000, max_body_bytes=8_000_000)
+        settings = Settings(max_body_bytes_in_flight=10_000_000, max_body_bytes=8_000_000, admission_wait_s=0)
         big = {"Content-Length": "6000000", "Content-Type": "image/png"}
         first = asyncio.create_task(call(admission, scope_for(settings, headers=big)))
         await asyncio.sleep(0.01)
@@ -105,6 +105,52 @@ def test_the_sum_of_body_sizes_in_flight_is_bounded() -> None:
         assert admission.in_flight == 1
         held.release.set()
         assert status_of(await only)[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_waiting_requests_are_admitted_in_arrival_order_or_refused_at_their_deadline() -> None:
+    async def scenario() -> None:
+        order: list[str] = []
+
+        class Recording(Held):
+            async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+                order.append(scope.get("name", "?"))
+                await super().__call__(scope, receive, send)
+
+        held = Recording()
+        admission = AdmissionMiddleware(held)
+        settings = Settings(max_requests_in_flight=1, admission_wait_s=5.0, max_requests_waiting=2)
+
+        def named(name: str) -> Scope:
+            return scope_for(settings) | {"name": name}
+
+        first = asyncio.create_task(call(admission, named("first")))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(call(admission, named("second")))
+        await asyncio.sleep(0.01)
+        third = asyncio.create_task(call(admission, named("third")))
+        await asyncio.sleep(0.01)
+        # A fourth finds two already waiting: refused at once, without waiting.
+        status, body = status_of(await call(admission, named("fourth")))
+        assert status == 429 and "2 requests already waiting" in body["detail"], body
+        assert order == ["first"]
+        held.release.set()  # each request, once admitted, finishes at once: the line moves in order
+        assert [status_of(await t)[0] for t in (first, second, third)] == [200, 200, 200]
+        assert order == ["first", "second", "third"]
+
+        # A request that cannot be admitted within admission_wait_s is refused when it passes.
+        held.release.clear()
+        short = Settings(max_requests_in_flight=1, admission_wait_s=0.2)
+        blocker = asyncio.create_task(call(admission, scope_for(short)))
+        await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        status, body = status_of(await call(admission, scope_for(short)))
+        waited = asyncio.get_running_loop().time() - started
+        assert status == 429 and body["error"] == "overloaded" and 0.15 < waited < 5, (body, waited)
+        held.release.set()
+        await blocker
+        assert admission.in_flight == 0 and not admission._waiters
 
     asyncio.run(scenario())
 

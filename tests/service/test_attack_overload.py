@@ -58,7 +58,7 @@ def test_an_overload_burst_gets_only_200_or_429_early_with_bounded_memory(tmp_pa
         f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
-    settings = {"max_requests_in_flight": 8}
+    settings = {"max_requests_in_flight": 8, "admission_wait_s": 0.5}
     with running_server(tmp_path / "models", settings, log_dir=tmp_path) as server:
         health: list[float] = []
         stop = threading.Event()
@@ -75,15 +75,15 @@ def test_an_overload_burst_gets_only_200_or_429_early_with_bounded_memory(tmp_pa
             f"/healthz p99 {percentile(health, 0.99) * 1000:.0f} ms over {len(health)}"
         )
         assert set(burst.statuses) <= {200, 429}, summary
-        assert burst.statuses.get(200, 0) >= 5, summary
+        assert burst.statuses.get(200, 0) >= 10 and burst.statuses.get(429, 0) >= 10, summary
         assert burst.errors == 0, summary
-        # Refusals are early and cheap: many more answers than a decode-then-refuse server gives (about
-        # 250 in these seconds, mostly after decoding), and the refused bodies are never parsed.
-        assert sum(burst.statuses.values()) >= 6 * CLIENTS, summary
+        # Refusals come from admission, before the body is read, after at most the admission wait:
+        # not seconds later, after decoding (p99 several seconds before).
+        assert percentile(burst.latencies[429], 0.99) < 0.5 + 2.0, summary
         # 96 requests in flight would hold 96 bodies and their frames (~300 MB); 8 are admitted.
         assert grown[0] < 150, summary
         # Liveness is answered throughout (bench_overload.py measures the 100 ms target with wrk; here
-        # the client shares the two cores and pushes about 500 MB/s of bodies).
+        # the client shares the two cores and pushes its bodies as fast as it can).
         assert percentile(health, 0.99) < 1.0, summary
         assert wait_until(lambda: not server_errors(server), 5), server_errors(server)
         assert_serves_normally(server)
