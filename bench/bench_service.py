@@ -404,6 +404,7 @@ def start_server(
         EDGECASE_RELOAD_POLL_S="0",
         EDGECASE_LOG_LEVEL="warning",
         EDGECASE_MAX_QUEUE_FRAMES=str(max(4096, 160 * 32)),  # the benchmark measures throughput, not 429s
+        EDGECASE_MAX_REQUESTS_IN_FLIGHT="1024",  # nor admission control (bench_overload.py does)
         EDGECASE_INTRA_OP_THREADS=str(args.threads),
         PYTHONPATH=str(REPO_ROOT),
     )

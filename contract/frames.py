@@ -7,6 +7,21 @@ same pixels offline and online. A frame is a ``numpy.ndarray`` of dtype ``uint8`
 Safety: the image header is checked against ``max_pixels`` before any pixel data is decoded
 (decompression bombs), and truncated files raise instead of being padded with grey (Pillow's
 ``LOAD_TRUNCATED_IMAGES`` is deliberately left off).
+
+The pixel rule (one rule for every mode Pillow hands back, so training, batch scoring and the service
+see the same pixels):
+
+- **EXIF orientation is applied**: a frame is what a viewer shows (the reviewer's browser applies the
+  tag too), so a phone JPEG stored sideways with Orientation 6 is scored upright. Width and height,
+  hence pixel counts and limits, are the header's (a rotation does not change them).
+- **16-bit samples keep their high byte** (``value >> 8``, i.e. ``round-down(value / 257)``),
+  whatever the values: Pillow already does that for 16-bit RGB, and grey follows it (Pillow's
+  ``convert`` would clip at 255 instead).
+- **Alpha is dropped, not composited**: RGBA, LA and palette-with-transparency frames keep their
+  stored colours (a transparent pixel is the colour stored under it). A camera never sends alpha;
+  compositing on an arbitrary background would invent pixels.
+- **CMYK** (JPEG) goes through Pillow's CMYK -> RGB conversion (``R = 255 - C`` scaled by K, no
+  colour profile); grey, LA and palette become RGB with equal channels or their palette colours.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 RESIZE_RULE = "center-crop-bilinear"
 """Name of the one resize rule, as written in model manifests."""
@@ -52,8 +67,23 @@ _PILLOW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombWarning,  # raised as an exception when warnings are errors
 )
 
+# A broken EXIF block warns (UserWarning: an error where warnings are errors, as in tests).
+_EXIF_ERRORS: tuple[type[BaseException], ...] = (*_PILLOW_DECODE_ERRORS, UserWarning)
+
 # 16-bit greyscale modes: scaled to 8 bits rather than clipped (Pillow's convert clips at 255).
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# EXIF Orientation value -> the transpose that shows the frame upright (the EXIF 2.3 table, as in
+# Pillow's ImageOps.exif_transpose, which is not used because it copies even unrotated images).
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class FrameDecodeError(ValueError):
@@ -62,6 +92,14 @@ class FrameDecodeError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class UnsupportedFormatError(FrameDecodeError):
+    """An image, perhaps, but not in an allowed format, or not in the format its content type declares."""
+
+
+class FrameTooLargeError(FrameDecodeError):
+    """More pixels than ``max_pixels`` (or Pillow's own decompression-bomb limit)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +113,18 @@ class FrameHeader:
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+    def decoded_pixels(self, draft_size: int | None = None) -> int:
+        """Pixels a decode with ``draft_size`` will really produce: a JPEG's draft scale is applied.
+
+        Mirrors Pillow's ``JpegImageFile.draft``: the largest of 1/8, 1/4, 1/2 that keeps both sides at
+        least ``draft_size``, sides rounded up. Other formats decode at full size.
+        """
+        if draft_size is None or self.format != "JPEG" or draft_size < 1:
+            return self.pixels
+        fits = min(self.width // draft_size, self.height // draft_size)
+        scale = next((s for s in (8, 4, 2) if fits >= s), 1)
+        return ((self.width + scale - 1) // scale) * ((self.height + scale - 1) // scale)
 
 
 def probe_frame(
@@ -99,14 +149,16 @@ def decode_frame(
 ) -> npt.NDArray[np.uint8]:
     """Decode PNG, JPEG or WebP into an RGB uint8 ``(H, W, 3)`` array.
 
-    Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB; alpha is dropped, not
-    composited. Only the first frame of an animation is used and EXIF orientation is ignored.
+    Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB by the module's pixel rule
+    (EXIF orientation applied, 16-bit -> high byte, alpha dropped). Only the first frame of an
+    animation is used.
     ``draft_size`` (the model's input side) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's
     draft mode, a DCT-domain reduction) as long as its shorter side stays at least ``draft_size``:
     a 1080p frame for a 64-pixel model decodes at 240x135 instead of 1920x1080, which is most of
     its decode time and all of its memory. Use :func:`decode_resized` to get a model input.
-    Raises ``FrameDecodeError`` for empty, corrupt, truncated, oversized (> ``max_pixels``) input, a
-    format outside ``formats``, or bytes that are not the declared ``content_type``.
+    Raises ``FrameDecodeError`` for empty, corrupt or truncated input, its subclass
+    ``FrameTooLargeError`` above ``max_pixels``, and ``UnsupportedFormatError`` for a format outside
+    ``formats`` or bytes that are not the declared ``content_type``.
     Pillow's own bomb guard (a warning above ~89 M pixels, an error above ~179 M) still applies,
     so a ``max_pixels`` above those limits does not let larger images through.
     """
@@ -119,18 +171,18 @@ def decode_frame(
             if width < 1 or height < 1:
                 raise FrameDecodeError(f"image has no pixels ({width}x{height})")
             if width * height > max_pixels:
-                raise FrameDecodeError(
+                raise FrameTooLargeError(
                     f"image too large: {width}x{height} = {width * height:,} pixels "
                     f"exceeds the limit of {max_pixels:,} (possible decompression bomb)"
                 )
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (int(draft_size), int(draft_size)))
             image.load()
-            return _to_rgb_array(image)
+            return _to_rgb_array(_upright(image))
     except FrameDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
+        raise FrameTooLargeError(f"image too large (possible decompression bomb): {exc}") from exc
     except _PILLOW_DECODE_ERRORS as exc:
         raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc
 
@@ -168,28 +220,45 @@ def _open(data: bytes, formats: tuple[str, ...], content_type: str | None) -> Im
         image = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError as exc:
         allowed = ", ".join(formats)
-        raise FrameDecodeError(
+        raise UnsupportedFormatError(
             f"not a recognised image format ({len(data)} bytes; accepted: {allowed})"
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise FrameDecodeError(f"image too large (possible decompression bomb): {exc}") from exc
+        raise FrameTooLargeError(f"image too large (possible decompression bomb): {exc}") from exc
     except _PILLOW_DECODE_ERRORS as exc:
         raise FrameDecodeError(f"corrupt or truncated image: {exc}") from exc
     if expected is not None and image.format != expected:
         image.close()
-        raise FrameDecodeError(f"declared {content_type} but the bytes are {image.format}")
+        raise UnsupportedFormatError(f"declared {content_type} but the bytes are {image.format}")
     return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The loaded image turned as its EXIF Orientation says (the same image when there is none)."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _EXIF_ERRORS:  # broken EXIF is not a broken frame: pixels as stored
+        return image
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
 
 
 def _to_rgb_array(image: Image.Image) -> npt.NDArray[np.uint8]:
     """Convert a loaded Pillow image to a writable RGB uint8 array with at most one copy."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image).astype(np.uint32)
-        grey = (wide >> 8).astype(np.uint8) if wide.max(initial=0) > 255 else wide.astype(np.uint8)
+        # The high byte, whatever the values (a dark 16-bit frame stays dark), as for 16-bit RGB.
+        wide = np.asarray(image)
+        if wide.dtype != np.uint16:  # mode "I" is int32
+            wide = np.clip(wide, 0, 65535).astype(np.uint16)
+        grey = (wide >> 8).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode == "F":
         grey = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("P", "PA"):
+        # Alpha is dropped: without the tRNS entry, convert() gives the stored palette colours (and
+        # does not warn that an alpha table "should be converted to RGBA").
+        image.info.pop("transparency", None)
     if image.mode != "RGB":
         image = image.convert("RGB")
     # np.array (not asarray) so the frame is writable: torch.from_numpy warns on read-only arrays.

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI
@@ -25,9 +26,11 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgecase import __version__
+from service.admission import AdmissionMiddleware
 from service.decoding import ScoreJSONRequest
 from service.errors import install_error_handlers
 from service.keys import ApiKey, check_exposure, is_loopback, load_keys
+from service.limits import BodyLimitMiddleware
 from service.logs import configure_service_logging
 from service.metrics import Metrics, mark_process_dead
 from service.pool import ModelPool
@@ -53,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = load_keys(settings)
     check_exposure(settings, app.state.api_keys)
     install_error_handlers(app)
+    # Starlette runs the last added first: metrics see every answer, then body limits, then admission.
+    app.add_middleware(AdmissionMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
     # Added last, so outermost of ours: every response, rejections by inner middlewares included,
     # carries X-Request-ID and every log line of the request has its id.
@@ -104,6 +110,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = ModelPool(registry, settings, metrics)
     store = _open_store(settings)
     app.state.metrics, app.state.pool, app.state.store = metrics, pool, store
+    # Frames decode here, not in asyncio's default pool: memory is one full-size frame per thread.
+    app.state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     background = asyncio.create_task(_load_then_poll(pool, settings.reload_poll_s), name="model-loader")
     upkeep = None
     if store is not None:
@@ -121,6 +129,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await pool.close()
+        app.state.decoder.shutdown(wait=True)
         if store is not None:
             store.close()
         mark_process_dead()

@@ -1,10 +1,18 @@
-"""Turn a POST /score request into named image payloads, then into frames, within the limits.
+"""Turn a POST /score request into named image payloads, then into one model-input batch, within limits.
 
 Three request shapes are accepted (all declared in the OpenAPI spec by `routes/score.py`):
 multipart/form-data with repeated `files` parts (key = filename), a raw image body (image/png,
 image/jpeg, image/webp; key "0"), and JSON `{"frames": [{"key": ..., "image": <base64>}]}` (key = the
-client's, else the index). The body is read with a byte limit before anything is parsed; decoding
-and resizing use the one rule in `contract.frames` and run in a worker thread, never on the event loop.
+client's, else the index). The body is read with a byte limit before anything is parsed (and
+`service.limits` bounds it while it streams); JSON is parsed with a bound on the number of objects, so
+two million tiny items stop at the limit instead of being built. Each part's declared Content-Type
+(the part's, or the raw body's) is checked against its bytes.
+
+Memory is bounded by decoded pixels, not bytes received: `prepare_batch` reads every frame's header
+first (`contract.frames.probe_frame`) and refuses the request (413, naming the frame) when one frame or
+the request's total of pixels that will really be decoded (JPEG draft counted) is over its limit; only
+then does it decode, and each frame is resized to the model's input right after it is decoded
+(`contract.frames.decode_resized`), so one full-size frame at a time is alive per decode thread.
 """
 
 from __future__ import annotations
@@ -22,11 +30,19 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from contract.frames import FrameDecodeError, decode_frame, resize_frame
+from contract.frames import (
+    FrameDecodeError,
+    FrameTooLargeError,
+    UnsupportedFormatError,
+    decode_resized,
+    probe_frame,
+)
 from service.errors import (
     BadRequestError,
     CorruptFrameError,
     PayloadTooLargeError,
+    ServiceError,
+    UnsupportedFrameFormatError,
     UnsupportedMediaTypeError,
 )
 
@@ -36,6 +52,10 @@ JSON = "application/json"
 FILES_FIELD = "files"
 INLINE_PARSE_BYTES = 32 * 1024
 """JSON bodies up to this size are parsed on the event loop; larger ones in a worker thread."""
+INLINE_PROBE_FRAMES = 4
+"""Requests of up to this many frames have their headers read on the event loop (~30 us each)."""
+INLINE_DECODE_PIXELS = 256 * 256
+"""...and are decoded there too when they add up to at most this many decoded pixels (~0.2 ms)."""
 
 # Magic numbers of the formats the flagged store keeps as they came; anything else is re-encoded as PNG.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
@@ -60,6 +80,8 @@ class Payload:
 
     key: str
     data: bytes
+    content_type: str | None = None
+    """The declared type of these bytes (the multipart part's or the raw body's); None in JSON."""
 
     @property
     def image_ext(self) -> str | None:
@@ -92,7 +114,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_payloads(request: Request, *, max_body_bytes: int, max_frames: int) -> list[Payload]:
+async def parse_payloads(
+    request: Request, *, max_body_bytes: int, max_frames: int, max_json_body_bytes: int | None = None
+) -> list[Payload]:
     """The request's frames as (key, bytes), in request order; 413/415/422 for what cannot be used."""
     kind = media_type(request)
     if kind not in (MULTIPART, JSON, *RAW_IMAGE_TYPES):
@@ -101,15 +125,16 @@ async def parse_payloads(request: Request, *, max_body_bytes: int, max_frames: i
             f"Content-Type {shown!r} is not supported; send multipart/form-data (field 'files'), "
             f"application/json, or a raw {', '.join(RAW_IMAGE_TYPES)} body"
         )
-    body = await read_body(request, max_body_bytes)
+    limit = min(max_body_bytes, max_json_body_bytes or max_body_bytes) if kind == JSON else max_body_bytes
+    body = await read_body(request, limit)
     if kind in RAW_IMAGE_TYPES:
-        payloads = [Payload("0", body)]
+        payloads = [Payload("0", body, kind)]
     elif kind == JSON:
         # json.loads + base64 of a big body is milliseconds of CPU: not on the event loop.
         payloads = (
-            _parse_json(body)
+            _parse_json(body, max_frames)
             if len(body) <= INLINE_PARSE_BYTES
-            else await asyncio.to_thread(_parse_json, body)
+            else await asyncio.to_thread(_parse_json, body, max_frames)
         )
     else:
         payloads = await _parse_multipart(request, body, max_frames)
@@ -120,11 +145,26 @@ async def parse_payloads(request: Request, *, max_body_bytes: int, max_frames: i
     return payloads
 
 
-def _parse_json(body: bytes) -> list[Payload]:
+def _parse_json(body: bytes, max_frames: int) -> list[Payload]:
+    objects = 0
+
+    def count_objects(value: dict[str, object]) -> dict[str, object]:
+        # Called as each object is closed: a body of two million {"image": ""} items stops here at
+        # max_frames + 2 objects (the request and its frames), before the rest is even scanned.
+        nonlocal objects
+        objects += 1
+        if objects > max_frames + 1:
+            raise PayloadTooLargeError(f"more than {max_frames} frames in one request (the limit)")
+        return value
+
     try:
-        request = ScoreJSONRequest.model_validate(json.loads(body))
+        document = json.loads(body, object_hook=count_objects)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequestError("body is not valid JSON: nested too deeply") from exc
+    try:
+        request = ScoreJSONRequest.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
@@ -161,7 +201,8 @@ async def _parse_multipart(request: Request, body: bytes, max_frames: int) -> li
         payloads = []
         for index, item in enumerate(form.getlist(FILES_FIELD)):
             if isinstance(item, UploadFile):
-                payloads.append(Payload(item.filename or str(index), await item.read()))
+                declared = item.content_type.split(";")[0].strip().lower() if item.content_type else None
+                payloads.append(Payload(item.filename or str(index), await item.read(), declared))
             else:  # a plain text field called "files": the client forgot filename=
                 payloads.append(Payload(str(index), item.encode()))
         if not payloads:
@@ -173,24 +214,67 @@ async def _parse_multipart(request: Request, body: bytes, max_frames: int) -> li
         await form.close()
 
 
-def decode_frames(payloads: Sequence[Payload], *, max_pixels: int) -> list[npt.NDArray[np.uint8]]:
-    """Decode every payload (blocking: call in a thread); 422 naming the first bad frame, 413 for bombs."""
-    frames = []
+@dataclass(frozen=True)
+class PixelLimits:
+    """What one request may make the service decode."""
+
+    per_frame: int
+    per_request: int
+
+
+def frame_error(payload: Payload, exc: FrameDecodeError) -> ServiceError:
+    """The HTTP error for a frame that cannot be used: 413 too large, 422 wrong format or corrupt."""
+    detail = f"frame {payload.key!r}: {exc.reason}"
+    if isinstance(exc, FrameTooLargeError):
+        return PayloadTooLargeError(detail, frame=payload.key)
+    if isinstance(exc, UnsupportedFormatError):
+        return UnsupportedFrameFormatError(detail, frame=payload.key)
+    return CorruptFrameError(detail, frame=payload.key)
+
+
+def probe_payloads(payloads: Sequence[Payload], size: int, limits: PixelLimits) -> int:
+    """Read every header (no pixel decoded); the pixels the decode will produce, or 413 naming the frame.
+
+    Per frame the header's full size counts against ``limits.per_frame`` (what Pillow would allocate
+    without draft); per request the pixels really decoded (a large JPEG at its draft scale for a
+    ``size`` model) count against ``limits.per_request``.
+    """
+    total = 0
     for payload in payloads:
         try:
-            frames.append(decode_frame(payload.data, max_pixels=max_pixels))
+            header = probe_frame(payload.data, content_type=payload.content_type)
         except FrameDecodeError as exc:
-            if exc.reason.startswith("image too large"):
-                raise PayloadTooLargeError(f"frame {payload.key!r}: {exc.reason}", frame=payload.key) from exc
-            raise CorruptFrameError(f"frame {payload.key!r}: {exc.reason}", frame=payload.key) from exc
-    return frames
+            raise frame_error(payload, exc) from exc
+        if header.pixels > limits.per_frame:
+            raise PayloadTooLargeError(
+                f"frame {payload.key!r}: {header.width}x{header.height} = {header.pixels:,} pixels exceeds "
+                f"the limit of {limits.per_frame:,} per frame",
+                frame=payload.key,
+            )
+        total += header.decoded_pixels(size)
+        if total > limits.per_request:
+            raise PayloadTooLargeError(
+                f"frame {payload.key!r} brings the request to {total:,} decoded pixels; the limit is "
+                f"{limits.per_request:,} per request (send fewer or smaller frames per request)",
+                frame=payload.key,
+            )
+    return total
 
 
-def to_batch(frames: Sequence[npt.NDArray[np.uint8]], height: int, width: int) -> npt.NDArray[np.uint8]:
-    """Resize frames by the manifest's rule and stack them into one NHWC uint8 batch (blocking)."""
-    if height != width:
-        raise ValueError(f"the center-crop-bilinear rule makes square frames; model wants {height}x{width}")
-    batch = np.empty((len(frames), height, width, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        batch[i] = resize_frame(frame, height)
+def decode_batch(payloads: Sequence[Payload], size: int, max_pixels: int) -> npt.NDArray[np.uint8]:
+    """Decode and resize each frame into one NHWC uint8 batch (blocking): one full-size frame at a time."""
+    batch = np.empty((len(payloads), size, size, 3), dtype=np.uint8)
+    for i, payload in enumerate(payloads):
+        try:
+            batch[i] = decode_resized(
+                payload.data, size, max_pixels=max_pixels, content_type=payload.content_type
+            )
+        except FrameDecodeError as exc:
+            raise frame_error(payload, exc) from exc
     return batch
+
+
+def prepare_batch(payloads: Sequence[Payload], size: int, limits: PixelLimits) -> npt.NDArray[np.uint8]:
+    """Every header checked against the limits first, then decode + resize (blocking: one job, one thread)."""
+    probe_payloads(payloads, size, limits)
+    return decode_batch(payloads, size, limits.per_frame)

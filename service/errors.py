@@ -56,10 +56,22 @@ class CorruptFrameError(BadRequestError):
     code = "corrupt_frame"
 
 
+class UnsupportedFrameFormatError(CorruptFrameError):
+    """A frame that is not PNG, JPEG or WebP, or not the format its part's Content-Type declares."""
+
+    code = "unsupported_frame_format"
+
+
 class PayloadTooLargeError(ServiceError):
     """Body, frame count or pixel count over the configured limit."""
 
     code = "too_large"
+
+
+class RequestTimeoutError(ServiceError):
+    """The body did not arrive within `body_timeout_s` (a slow or stalled upload)."""
+
+    code = "request_timeout"
 
 
 class UnsupportedMediaTypeError(ServiceError):
@@ -103,6 +115,18 @@ class NotReadyError(ServiceError):
         super().__init__(detail, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
+class OverloadedError(QueueFullError):
+    """Admission control: too many requests in flight, or the model's queue has no room for a request."""
+
+    code = "overloaded"
+
+
+class DeadlineExceededError(NotReadyError):
+    """An admitted request did not get its frames decoded and scored within `request_deadline_s`."""
+
+    code = "deadline_exceeded"
+
+
 class InferenceError(ServiceError):
     """The model failed on a batch: our fault (a broken graph), not the client's."""
 
@@ -116,11 +140,16 @@ class StoreError(ServiceError):
 
 
 # The one table. Subclasses are looked up through the MRO, so CorruptFrameError -> 422.
+# A frame in a format we do not decode (a TIFF, or a JPEG sent as image/png) is a 422 naming the frame,
+# like any frame that does not decode: 415 is about the request's own Content-Type, and one multipart
+# request carries frames of several types. Its code, unsupported_frame_format, tells the two apart.
+# A client that disconnects mid-upload is counted as 499 (nginx's "client closed request"), not 5xx.
 STATUS_CODES: dict[type[ServiceError], int] = {
     BadRequestError: 422,
     UnauthorizedError: 401,
     ForbiddenError: 403,
     NotFoundError: 404,
+    RequestTimeoutError: 408,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     QueueFullError: 429,
@@ -157,12 +186,13 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
         401: "Missing or wrong API key (send `Authorization: Bearer <key>`)",
         403: "The API key lacks the scope this route needs (score, review or admin)",
         404: "Unknown model, version or resource",
-        413: "Body, frame count or pixels per frame over the limit",
+        408: "The request body did not arrive in time",
+        413: "Body, frame count, pixels per frame or decoded pixels per request over the limit",
         415: "Unsupported Content-Type",
         422: "Invalid request or a frame that does not decode (the frame is named)",
-        429: "Queue full; retry after the number of seconds in Retry-After",
+        429: "Overloaded (too many requests in flight, queue full); retry after Retry-After seconds",
         500: "Server-side failure (a broken model), never caused by the request",
-        503: "Models not loaded and warmed yet; retry after Retry-After",
+        503: "Models not loaded and warmed yet, or the request's deadline passed; retry after Retry-After",
     }
     return {s: {"model": ErrorBody, "description": descriptions.get(s, "Error")} for s in statuses}
 
@@ -189,7 +219,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers) if exc.headers else None
     if exc.status_code == 400:  # FastAPI's "error parsing the body" (bad JSON): a 422 like every other
         return error_response(422, "invalid_request", str(exc.detail), headers=headers)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    # 408/413/499 come from service.limits (raised while the body streams in, even inside FastAPI's
+    # own body parsing, which re-raises HTTPException): the same codes as the ServiceErrors above.
+    codes = {
+        404: "not_found",
+        405: "method_not_allowed",
+        408: RequestTimeoutError.code,
+        413: PayloadTooLargeError.code,
+        499: "client_disconnected",
+    }
     return error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers=headers
     )

@@ -162,10 +162,10 @@ def prepare_flags(flags: Sequence[NewFlag], max_image_bytes: int = 0) -> list[Pr
             raise ValueError("a flagged frame needs image bytes, got 0 bytes")
         ext = flag.ext
         if 0 < max_image_bytes < len(data):
-            from contract.frames import FrameDecodeError, decode_frame
+            from contract.frames import FrameDecodeError
 
             try:
-                data, ext = bounded_image(data, None, decode_frame(data), max_image_bytes)
+                data, ext = bounded_image(data, None, max_image_bytes)
             except FrameDecodeError as exc:
                 raise ValueError(f"a flagged frame over the size cap does not decode: {exc}") from exc
         if not flag.model:
@@ -185,19 +185,22 @@ def prepare_flags(flags: Sequence[NewFlag], max_image_bytes: int = 0) -> list[Pr
 
 
 def bounded_image(
-    original: bytes, ext: str | None, frame: npt.NDArray[np.uint8], max_bytes: int
+    original: bytes, ext: str | None, max_bytes: int, frame: npt.NDArray[np.uint8] | None = None
 ) -> tuple[bytes, str]:
     """The bytes the store keeps for one flagged frame, at most ``max_bytes`` (0 = no cap).
 
     The original bytes when their format is one the store keeps and they fit the cap (identical
     frames then share one image); otherwise the decoded frame re-encoded as PNG, shrunk (aspect kept)
     until it fits: a PNG holds at most about 3 bytes a pixel plus one a row, so the pixel budget below
-    always fits. What a client sends never decides how much the store keeps.
+    always fits. What a client sends never decides how much the store keeps. ``frame`` is the decoded
+    frame when the caller has it; otherwise the original is decoded here, only when it is needed.
     """
-    from contract.frames import encode_png
+    from contract.frames import decode_frame, encode_png
 
     if ext and (max_bytes <= 0 or len(original) <= max_bytes):
         return original, ext
+    if frame is None:
+        frame = decode_frame(original)
     encoded = encode_png(frame)
     if max_bytes <= 0 or len(encoded) <= max_bytes:
         return encoded, "png"

@@ -1,5 +1,10 @@
 """One scoring request: decode, resize, batch, score, flag, observe.
 
+Frames are checked against the pixel limits from their headers, then decoded and resized one at a time
+(`service.decoding.prepare_batch`) on the app's decode threads, or on the event loop when the request
+decodes to only a few pixels. Everything up to the model's answer (the wait for startup, the decode
+threads, the batcher queue, inference) must end within `request_deadline_s`: a 503 otherwise.
+
 The math is the exported graph's (the batcher runs the model's onnxruntime session); this module adds
 what a request needs around it: the p-value against the calibration scores, the one flag rule
 (`contract.manifest.is_edge_case`), a durable write of every edge case to the flagged store *before*
@@ -10,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +28,23 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from contract.manifest import is_edge_case
-from service.decoding import Payload, decode_frames, to_batch
-from service.errors import InferenceError, StoreError
+from service.batcher import Outputs
+from service.decoding import (
+    INLINE_DECODE_PIXELS,
+    INLINE_PROBE_FRAMES,
+    Payload,
+    PixelLimits,
+    decode_batch,
+    prepare_batch,
+    probe_payloads,
+)
+from service.errors import DeadlineExceededError, InferenceError, StoreError
 from service.metrics import Metrics
-from service.pool import ModelPool
+from service.pool import ModelPool, Serving
 from service.registry import LoadedModel
 from service.request_context import note_model
 
 log = logging.getLogger(__name__)
-
-INLINE_DECODE_BYTES = 32 * 1024
-"""Requests whose images add up to at most this many bytes are decoded on the event loop."""
 
 
 class FrameResult(BaseModel):
@@ -68,7 +81,10 @@ class ScoreOptions:
     version: int | None = None
     maps: bool = False
     max_pixels: int = 16_000_000
+    max_request_pixels: int = 128_000_000
     source: str = "json"
+    deadline_s: float = 30.0
+    decoder: Executor | None = None  # the app's decode threads; None = asyncio's default pool
 
 
 def encode_map(values: npt.NDArray[np.float32]) -> tuple[str, float, float]:
@@ -85,18 +101,18 @@ async def score_payloads(
     pool: ModelPool, payloads: list[Payload], options: ScoreOptions, store: Any = None
 ) -> ScoreResponse:
     """Decode, resize, batch, score; write edge cases to the store before returning (durable ack)."""
-    # The lease keeps this version's batcher open until we have submitted, even if a newer version
-    # takes over meanwhile: frames are resized for, and scored by, the same version.
-    async with pool.lease(options.model, options.version) as serving:
-        note_model(serving.model.name, serving.model.version)
-        h, w, _ = serving.model.frame_shape
-        if sum(len(p.data) for p in payloads) <= INLINE_DECODE_BYTES:
-            # A few small frames decode in tens of microseconds, less than a hop to a worker thread costs.
-            frames, batch = _prepare(payloads, h, w, options.max_pixels)
-        else:
-            with serving.batcher.incoming():
-                frames, batch = await asyncio.to_thread(_prepare, payloads, h, w, options.max_pixels)
-        outputs = await serving.batcher.submit(batch)
+    deadline = asyncio.timeout(options.deadline_s)
+    try:
+        async with deadline:
+            serving, outputs = await _infer(pool, payloads, options)
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise
+        raise DeadlineExceededError(
+            f"{len(payloads)} frame(s) not scored within the deadline of {options.deadline_s:g} s "
+            "(the service is overloaded); retry later",
+            retry_after_s=max(1, round(options.deadline_s / 10)),
+        ) from exc
     model = serving.model
     scores = outputs["score"].astype(np.float64)
     bad = [payloads[i].key for i in np.flatnonzero(~np.isfinite(scores))]
@@ -105,7 +121,7 @@ async def score_payloads(
     p_values = model.p_values(scores)
     threshold = model.threshold
     edge = is_edge_case(scores, threshold)
-    flagged = await _flag(store, model, payloads, frames, scores, p_values, edge, options.source)
+    flagged = await _flag(store, model, payloads, scores, p_values, edge, options.source)
     maps = outputs.get("anomaly_map") if options.maps else None
     encoded = await asyncio.to_thread(lambda: [encode_map(m) for m in maps]) if maps is not None else None
     _observe(pool.metrics, model, scores, p_values, int(edge.sum()))
@@ -127,18 +143,45 @@ async def score_payloads(
     return ScoreResponse(model=model.name, version=model.version, results=results)
 
 
-def _prepare(
-    payloads: list[Payload], h: int, w: int, max_pixels: int
-) -> tuple[list[npt.NDArray[np.uint8]], npt.NDArray[np.uint8]]:
-    frames = decode_frames(payloads, max_pixels=max_pixels)
-    return frames, to_batch(frames, h, w)
+async def _infer(pool: ModelPool, payloads: list[Payload], options: ScoreOptions) -> tuple[Serving, Outputs]:
+    """Resolve the model, turn the payloads into its input batch, and wait for the batcher's answer."""
+    # The lease keeps this version's batcher open until we have submitted, even if a newer version
+    # takes over meanwhile: frames are resized for, and scored by, the same version.
+    async with pool.lease(options.model, options.version) as serving:
+        note_model(serving.model.name, serving.model.version)
+        limits = PixelLimits(per_frame=options.max_pixels, per_request=options.max_request_pixels)
+        size = _input_side(serving)
+        # A few frames' headers are read here (~30 us each), the rest's in a decode thread; either way
+        # all of them before any decode. The pixel count, not the bytes, then decides where decoding runs.
+        pixels = probe_payloads(payloads, size, limits) if len(payloads) <= INLINE_PROBE_FRAMES else None
+        if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
+            # A few small frames decode in a fraction of a millisecond, less than a hop to a thread costs.
+            batch = decode_batch(payloads, size, limits.per_frame)
+        else:
+            with serving.batcher.incoming():
+                if pixels is None:
+                    batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+                else:
+                    batch = await _in_decoder(options, decode_batch, payloads, size, limits.per_frame)
+        return serving, await serving.batcher.submit(batch)
+
+
+def _input_side(serving: Serving) -> int:
+    h, w, _ = serving.model.frame_shape
+    if h != w:
+        raise ValueError(f"the center-crop-bilinear rule makes square frames; model wants {h}x{w}")
+    return int(h)
+
+
+async def _in_decoder(options: ScoreOptions, fn: Any, *args: Any) -> Any:
+    """Run blocking decode work on the app's decode threads (bounded: memory is one frame per thread)."""
+    return await asyncio.get_running_loop().run_in_executor(options.decoder, functools.partial(fn, *args))
 
 
 async def _flag(
     store: Any,
     model: LoadedModel,
     payloads: list[Payload],
-    frames: list[npt.NDArray[np.uint8]],
     scores: npt.NDArray[np.float64],
     p_values: npt.NDArray[np.float64],
     edge: npt.NDArray[np.bool_],
@@ -153,10 +196,10 @@ async def _flag(
     def build_and_add() -> list[Any]:
         flags = []
         for i in indices:
-            # Kept as sent when PNG/JPEG/WebP and within the store's size cap (identical frames dedupe);
-            # otherwise the decoded frame re-encoded as PNG, shrunk to fit the cap.
+            # Kept as sent when within the store's size cap (identical frames dedupe); otherwise the
+            # frame decoded again and re-encoded as PNG, shrunk to fit the cap.
             cap = int(getattr(store, "max_image_bytes", 0))
-            data, ext = bounded_image(payloads[i].data, payloads[i].image_ext, frames[i], cap)
+            data, ext = bounded_image(payloads[i].data, payloads[i].image_ext, cap)
             flags.append(
                 NewFlag(
                     image=data,

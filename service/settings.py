@@ -8,6 +8,7 @@ factory takes a `Settings` explicitly so tests never depend on the environment.
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -57,10 +58,53 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per session; 0 = one per core")
 
-    # Limits on what a client may send (decompression bombs, memory).
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # Limits on what a client may send (decompression bombs, memory): docs/security.md, "Limits".
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="POST /score body, while streaming")
+    max_other_body_bytes: int = Field(
+        1024 * 1024, ge=1, description="body of every other route (flag reviews, admin), while streaming"
+    )
+    json_bytes_per_frame: int = Field(
+        256 * 1024,
+        ge=1024,
+        description="a JSON /score body may hold max_frames_per_request times this (base64 frames)",
+    )
     max_frames_per_request: int = Field(256, ge=1)
     max_pixels_per_frame: int = Field(16_000_000, ge=1)
+    max_pixels_per_request: int = Field(
+        128_000_000,
+        ge=1,
+        description="decoded pixels per request (JPEG draft counted), checked from the headers before any "
+        "decode; 128 Mpx is 384 MB as RGB, although frames are decoded and resized one at a time",
+    )
+    decode_threads: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        ge=1,
+        description="threads decoding frames; each holds one full-size frame at a time",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="a request body must arrive within this many seconds of the request (408)"
+    )
+    max_requests_in_flight: int = Field(
+        32,
+        ge=1,
+        description="POST /score requests admitted at once per worker (32 x 32 frames = the default queue, "
+        "which then never overflows); more wait, then 429",
+    )
+    admission_wait_s: float = Field(
+        1.0, ge=0.0, description="longest wait for admission, in arrival order, before a 429 (body unread)"
+    )
+    max_requests_waiting: int = Field(
+        1024, ge=0, description="requests waiting for admission per worker; more answer 429 at once"
+    )
+    max_body_bytes_in_flight: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="sum of the admitted /score bodies' sizes per worker (a chunked body counts as "
+        "max_body_bytes); a request that would pass it answers 429, unless nothing else is in flight",
+    )
+    request_deadline_s: float = Field(
+        30.0, gt=0.0, description="an admitted request's decode + queue + inference must end by then (503)"
+    )
 
     # Access and self-repair (issue 14). Key syntax and scopes: service/auth.py, docs/security.md.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -178,6 +222,11 @@ class Settings(BaseSettings):
                 f"({self.max_batch_size}), or a full batch could never be queued"
             )
         return self
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        """The JSON /score body limit: proportional to the frame limit, never above max_body_bytes."""
+        return min(self.max_body_bytes, self.max_frames_per_request * self.json_bytes_per_frame)
 
     def to_env(self) -> dict[str, str]:
         """These settings as EDGECASE_* variables (what `edgecase serve` exports for its workers)."""

@@ -44,7 +44,7 @@ _SOURCES = {MULTIPART: "multipart", JSON: "json"}
     "/score",
     response_model=ScoreResponse,
     response_model_exclude_none=True,
-    responses=error_responses(401, 403, 404, 413, 415, 422, 429, 500, 503),
+    responses=error_responses(401, 403, 404, 408, 413, 415, 422, 429, 500, 503),
     openapi_extra={"requestBody": SCORE_REQUEST_BODY},
     dependencies=[Depends(require_score)],
 )
@@ -59,14 +59,20 @@ async def score(
 ) -> Response:
     """Score frames: score, p-value, threshold and edge-case flag per frame; edge cases are stored."""
     payloads = await parse_payloads(
-        request, max_body_bytes=settings.max_body_bytes, max_frames=settings.max_frames_per_request
+        request,
+        max_body_bytes=settings.max_body_bytes,
+        max_frames=settings.max_frames_per_request,
+        max_json_body_bytes=settings.max_json_body_bytes,
     )
     options = ScoreOptions(
         model=model,
         version=version,
         maps=maps,
         max_pixels=settings.max_pixels_per_frame,
+        max_request_pixels=settings.max_pixels_per_request,
         source=_SOURCES.get(media_type(request), "raw"),
+        deadline_s=settings.request_deadline_s,
+        decoder=getattr(request.app.state, "decoder", None),
     )
     result = await score_payloads(pool, payloads, options, store)
     # Serialised here, once: returning the model would make FastAPI validate it a second time.

@@ -377,11 +377,11 @@ def test_the_stored_bytes_rule() -> None:
 
     frame = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     png = encode_png(frame)
-    assert bounded_image(png, "png", frame, 0) == (png, "png")  # no cap: as sent
-    assert bounded_image(png, "png", frame, len(png)) == (png, "png")  # at the cap: as sent
-    data, ext = bounded_image(b"GIF89a...", None, frame, 0)  # a format the store does not keep
+    assert bounded_image(png, "png", 0, frame) == (png, "png")  # no cap: as sent
+    assert bounded_image(png, "png", len(png), frame) == (png, "png")  # at the cap: as sent
+    data, ext = bounded_image(b"GIF89a...", None, 0, frame)  # a format the store does not keep
     assert ext == "png" and np.array_equal(decode_frame(data), frame)  # the decoded frame, lossless
-    data, ext = bounded_image(png, "png", frame, 16_384)
+    data, ext = bounded_image(png, "png", 16_384, frame)
     shrunk = decode_frame(data)
     assert (
         ext == "png" and len(data) <= 16_384 and shrunk.shape[1] / shrunk.shape[0] == pytest.approx(1.5, 0.05)

@@ -88,13 +88,14 @@ def test_a_scoring_key_cannot_relabel_a_flag(server: RunningServer) -> None:
 
 
 def post_headers_only(server: RunningServer, path: str, key: str | None) -> tuple[int, float]:
-    """Announce an 800 MB JSON body, send a few bytes of it, and wait for the answer: a server that
-    reads the body before the key would wait for the rest (and time out here)."""
+    """Announce a 512 KiB JSON body (within every route's body limit, so the size check does not answer
+    first), send a few bytes of it, and wait for the answer: a server that reads the body before the
+    key would wait for the rest (and time out here)."""
     lines = [
         f"POST {path} HTTP/1.1",
         f"Host: 127.0.0.1:{server.port}",
         "Content-Type: application/json",
-        f"Content-Length: {800 * 1024 * 1024}",
+        f"Content-Length: {512 * 1024}",
     ]
     if key is not None:
         lines.append(f"Authorization: Bearer {key}")

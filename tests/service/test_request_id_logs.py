@@ -65,7 +65,7 @@ def test_json_logs_follow_a_request_from_access_line_to_batch(tmp_path: Path) ->
         # Errors carry the id too, in the header and in the body.
         assert bad.status_code == 422 and bad.headers["X-Request-ID"] == "trip-42.frame:8"
         assert bad.json() | {"request_id": "trip-42.frame:8"} == bad.json()
-        assert bad.json()["error"] == "corrupt_frame"
+        assert bad.json()["error"] == "unsupported_frame_format"  # not PNG, JPEG or WebP
         # Without an id, one is made, and it is the same in header and body.
         made = unnamed.headers["X-Request-ID"]
         assert unnamed.status_code == 404 and len(made) == 32 and unnamed.json()["request_id"] == made
