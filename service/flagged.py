@@ -59,6 +59,15 @@ CREATE TABLE IF NOT EXISTS flags (
 CREATE INDEX IF NOT EXISTS flags_model_version_created ON flags (model, version, created_at);
 CREATE INDEX IF NOT EXISTS flags_created ON flags (created_at);
 CREATE INDEX IF NOT EXISTS flags_review ON flags (review);
+-- Batch scoring's flags, at most once per (model, version, source shard, key): a rerun adds nothing.
+CREATE TABLE IF NOT EXISTS batch_flags (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    client_key TEXT NOT NULL,
+    flag_id INTEGER NOT NULL REFERENCES flags (id),
+    PRIMARY KEY (model, version, source, client_key)
+);
 """
 
 
@@ -290,6 +299,52 @@ class FlaggedStore:
             )
             for flag_id, (flag, sha256, ext, metadata_json) in zip(ids, rows, strict=True)
         ]
+
+    def add_many_once(self, flags: Sequence[NewFlag], sources: Sequence[str]) -> list[FlaggedRecord]:
+        """Store the flags whose (model, version, source, key) is not in the store yet; return those added.
+
+        Batch scoring's idempotent write: a rerun of a killed run offers the same flags again and
+        nothing is duplicated. Check and insert share one transaction (INSERT OR IGNORE on the
+        ``batch_flags`` key), so two writers or a crash cannot let a duplicate through. Every flag
+        needs a key; images are written first, as in ``add_many`` (an orphan image is harmless).
+        """
+        if len(flags) != len(sources):
+            raise ValueError(f"{len(flags)} flags but {len(sources)} sources")
+        if any(flag.key is None for flag in flags):
+            raise ValueError("add_many_once needs a key for every flag")
+        for flag in flags:
+            if not (flag.image and flag.model and math.isfinite(flag.score) and math.isfinite(flag.p_value)):
+                raise ValueError(f"flag {flag.key!r}: needs image bytes, a model and a finite score")
+        metas = [json.dumps(dict(flag.metadata), sort_keys=True, allow_nan=False) for flag in flags]
+        written = self._map(lambda flag: self.images.write(bytes(flag.image), normalise_ext(flag.ext)), flags)
+        self._map(fsync_dir, sorted({folder for _, folder in written}))
+        added: list[FlaggedRecord] = []
+        now = time.time()
+        with self._transaction() as conn:
+            for flag, source, meta, (sha256, _) in zip(flags, sources, metas, written, strict=True):
+                claim = conn.execute(
+                    "INSERT OR IGNORE INTO batch_flags (model, version, source, client_key, flag_id)"
+                    " VALUES (?, ?, ?, ?, 0)",
+                    (flag.model, int(flag.version), source, flag.key),
+                )
+                if claim.rowcount == 0:
+                    continue  # flagged by an earlier run
+                ext = normalise_ext(flag.ext)
+                row = (now, flag.model, int(flag.version), float(flag.score), float(flag.p_value))
+                flag_id = int(conn.execute(_INSERT, (*row, flag.key, meta, sha256, ext)).lastrowid or 0)
+                conn.execute(
+                    "UPDATE batch_flags SET flag_id = ? WHERE model = ? AND version = ? AND source = ?"
+                    " AND client_key = ?",
+                    (flag_id, flag.model, int(flag.version), source, flag.key),
+                )
+                added.append(
+                    FlaggedRecord(
+                        flag_id, datetime.fromtimestamp(now, UTC), flag.model, int(flag.version),
+                        float(flag.score), float(flag.p_value), flag.key, json.loads(meta), sha256, ext,
+                        "unreviewed", None,
+                    )
+                )  # fmt: skip
+        return added
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(x) for x in items]``, on the store's small I/O pool when there is more than one."""
