@@ -340,12 +340,13 @@ def _tar_groups(path: Path | RemotePath) -> Iterator[tuple[str, dict[str, bytes]
     """Yield (key, {extension: bytes}) for runs of adjacent members sharing a key.
 
     Shards are plain (uncompressed) tar, as WebDataset writes them, which keeps the offsets below
-    meaningful. Only image and json members are read. Raises ``tarfile.ReadError`` when the
+    meaningful. The tar is read as a stream (no seeks), so an object store is read front to back.
+    Only image and json members are read. Raises ``tarfile.ReadError`` when the
     archive is cut short, including a cut exactly on a member boundary (no end-of-archive blocks).
     """
     wanted = (*_TAR_IMAGE_EXTENSIONS, "json")
     file_size_ = file_size(path)
-    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         current: str | None = None
         members: dict[str, bytes] = {}
         for info in tar:
