@@ -36,7 +36,8 @@ def _filesystem(protocol: str) -> Any:
             f"{protocol}:// URLs need fsspec (and s3fs for s3://): pip install 'edgecase[s3]'"
         ) from exc
     options: dict[str, Any] = {}
-    endpoint = os.environ.get(ENDPOINT_ENV)
+    # Named in the options (not only read by botocore) so fsspec's instance cache keys on it.
+    endpoint = os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL")
     if protocol in ("s3", "s3a") and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return fsspec.filesystem(protocol, **options)
