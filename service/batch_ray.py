@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ import pyarrow as pa
 
 from contract.readers import Record
 from contract.shards import Shard, shard_records
-from contract.storage import make_dirs
+from contract.storage import RemotePath, make_dirs
 from service.batch_output import ShardRows, model_metadata, write_summary
 from service.batch_pipeline import decode_batch
 from service.batch_scoring import (
@@ -148,7 +149,7 @@ def score_shards_ray(
     repo: str,
     model: LoadedModel,
     shards: Sequence[Shard],
-    out_dir: Any,
+    out_dir: Path | RemotePath,
     *,
     options: BatchOptions | None = None,
     store: FlaggedStore | None = None,

@@ -237,7 +237,7 @@ class _Open:
 def score_shards(
     model: LoadedModel,
     shards: Sequence[Shard],
-    out_dir: Any,
+    out_dir: Path | RemotePath,
     *,
     options: BatchOptions | None = None,
     store: FlaggedStore | None = None,
@@ -289,7 +289,11 @@ def score_shards(
 
 
 def _resume(
-    shards: Sequence[Shard], out_dir: Any, meta: Mapping[str, str], resume: bool, summary: RunSummary
+    shards: Sequence[Shard],
+    out_dir: Path | RemotePath,
+    meta: Mapping[str, str],
+    resume: bool,
+    summary: RunSummary,
 ) -> list[Shard]:
     """The shards still to score; with ``resume``, finished ones are counted from their files."""
     if not resume:
@@ -315,7 +319,7 @@ def _finish(
     model: LoadedModel,
     shard: Shard,
     state: _Open,
-    out_dir: Path | RemotePath | Any,
+    out_dir: Path | RemotePath,
     meta: Mapping[str, str],
     store: FlaggedStore | None,
     summary: RunSummary,

@@ -12,8 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgecase.commands import add_command
+
+if TYPE_CHECKING:
+    from contract.shards import Shard
+    from contract.storage import RemotePath
+    from service.batch_scoring import BatchOptions, RunSummary
+    from service.flagged import FlaggedStore
+    from service.registry import LoadedModel
 
 MAX_ERRORS_SHOWN = 5
 
@@ -151,13 +160,20 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.pushgateway:
-        from service.batch_push import push_run  # type: ignore[import-not-found,unused-ignore]
+        from service.batch_push import push_run  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         push_run(args.pushgateway, summary.as_dict())
     return summary.exit_status
 
 
-def _score_local(model, shards, out_dir, options, store):  # type: ignore[no-untyped-def]
+def _score_local(
+    model: LoadedModel,
+    shards: list[Shard],
+    out_dir: Path | RemotePath,
+    options: BatchOptions,
+    store: FlaggedStore | None,
+) -> RunSummary:
+    """The local engine, with a progress bar unless --no-progress."""
     from service.batch_scoring import score_shards
 
     if not options.progress:
