@@ -202,3 +202,11 @@ def test_the_score_command_reports_user_errors_in_one_line(model, data: Path, tm
     twice = ["--data", str(data / "val-00000.parquet"), str(data / "val-00000.parquet")]
     assert main(["score", "--repo", str(tmp_path / "models"), "--model", "bright", *twice, "--out", "o"]) == 2
     assert "both write val-00000.parquet" in capsys.readouterr().err
+
+
+def test_the_help_names_a_model_export_makes_and_documents_the_exit_status(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    text = capsys.readouterr().out
+    assert "--model vae-elbo" in text  # `edgecase export --head vae-elbo` publishes "vae-elbo"
+    assert "Exit status:" in text and "--max-frame-errors" in text and "--resume" in text
