@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from contract.frames import decode_frame, decode_resized, resize_frame  # noqa: E402
 from contract.shards import list_shards, shard_records  # noqa: E402
-from service.registry import LoadedModel, ModelRegistry  # noqa: E402
+from service.registry import ModelRegistry  # noqa: E402
 
 
 def cli(*args: str) -> None:
@@ -92,9 +93,13 @@ def ensure_hd(work: Path, small: Path, frames: int, shard_size: int) -> Path:
 
 
 def sequential(
-    model: LoadedModel, shards: list[Path], batch_size: int, draft: bool = True
-) -> tuple[int, float]:
-    """The reference: read, decode, run the session every batch_size frames; one thread. (frames, s)."""
+    repo: Path, name: str, shards: list[Path], batch_size: int, draft: bool = True
+) -> tuple[int, float, float]:
+    """The reference: read, decode, session.run every batch_size frames. (frames, wall s, CPU s).
+
+    A fresh session each time, as the command has: both pay onnxruntime's first-run set-up.
+    """
+    model = ModelRegistry(repo).load(name)
     size = model.frame_shape[0]
 
     def decode(data: bytes) -> np.ndarray:
@@ -102,7 +107,7 @@ def sequential(
             return decode_resized(data, size)
         return resize_frame(decode_frame(data), size)
 
-    started, frames, batch = time.perf_counter(), 0, []
+    started, cpu, frames, batch = time.perf_counter(), time.process_time(), 0, []
     for shard in list_shards(shards):
         for record in shard_records(shard):
             assert record.data is not None
@@ -113,13 +118,18 @@ def sequential(
     if batch:
         model.score(np.stack(batch))
         frames += len(batch)
-    return frames, time.perf_counter() - started
+    return frames, time.perf_counter() - started, time.process_time() - cpu
 
 
 def command(
     repo: Path, name: str, shards: list[Path], out: Path, batch_size: int, pool: str, workers: int
-) -> tuple[int, float]:
-    """`edgecase score` in a subprocess: (frames, scoring seconds from _summary.json)."""
+) -> tuple[int, float, float]:
+    """`edgecase score` in a subprocess: (frames, scoring s from _summary.json, CPU s of the process).
+
+    The CPU time is the whole process's and its decode workers' (imports and model load included:
+    a few CPU-seconds, about 2% of a 20,000-frame run), so frames/CPU-s slightly favours the reference.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     flags = [
         "--batch-size",
         str(batch_size),
@@ -130,29 +140,37 @@ def command(
         "--no-progress",
     ]
     cli("score", "--repo", str(repo), "--model", name, "--data", *map(str, shards), "--out", str(out), *flags)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = json.loads((out / "_summary.json").read_text())
-    return int(summary["frames"]), float(summary["seconds"])
+    return int(summary["frames"]), float(summary["seconds"]), cpu
 
 
-def rounds(label: str, repeat: int, runs: dict[str, Callable[[], tuple[int, float]]]) -> dict[str, float]:
-    """Interleave the runs ``repeat`` times; print each; return the median frames/s per run."""
-    rates: dict[str, list[float]] = {key: [] for key in runs}
-    ratios: dict[str, list[float]] = {key: [] for key in runs if key != "reference"}
+def rounds(label: str, repeat: int, runs: dict[str, Callable[[], tuple[int, float, float]]]) -> None:
+    """Interleave the runs ``repeat`` times; print each, then the median ratios to the reference."""
+    ratios: dict[str, list[tuple[float, float]]] = {key: [] for key in runs if key != "reference"}
+    rates: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
     for r in range(repeat):
-        this: dict[str, float] = {}
+        this: dict[str, tuple[float, float]] = {}
         for key, run in runs.items():
-            frames, seconds = run()
-            this[key] = frames / seconds
+            frames, wall, cpu = run()
+            this[key] = (frames / wall, frames / cpu)
             rates[key].append(this[key])
-            print(f"  {label} round {r + 1} {key:<22} {frames:>6} frames {frames / seconds:>8.1f} frames/s"
-                  f"  (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+            load = os.getloadavg()[0]
+            print(f"  {label} round {r + 1} {key:<26} {frames:>6} frames {frames / wall:>7.1f} frames/s "
+                  f"{frames / cpu:>7.1f} frames/CPU-s  (load {load:.1f})", flush=True)  # fmt: skip
         for key in ratios:
-            ratios[key].append(this[key] / this["reference"])
-    medians = {key: statistics.median(values) for key, values in rates.items()}
-    for key, values in ratios.items():
-        print(f"{label}: {key} / reference = {statistics.median(values):.2f} (median of {repeat} rounds: "
-              f"{', '.join(f'{v:.2f}' for v in values)})", flush=True)  # fmt: skip
-    return medians
+            ref = this["reference"]
+            ratios[key].append((this[key][0] / ref[0], this[key][1] / ref[1]))
+    for key, values in rates.items():
+        wall = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        print(f"{label}: {key:<26} median {wall:7.1f} frames/s, {cpu:7.1f} frames/CPU-s", flush=True)
+    for key, pairs in ratios.items():
+        wall = statistics.median(p[0] for p in pairs)
+        cpu = statistics.median(p[1] for p in pairs)
+        each = ", ".join(f"{p[0]:.2f}" for p in pairs)
+        print(f"{label}: {key} / reference = {wall:.2f} wall ({each}), {cpu:.2f} per CPU-s", flush=True)
 
 
 def main() -> None:
@@ -184,7 +202,7 @@ def main() -> None:
     out = args.work / "out"
     b, w = args.batch_size, args.workers
     rounds("64px", args.repeat, {
-        "reference": lambda: sequential(model, small_shards, b),
+        "reference": lambda: sequential(repo, name, small_shards, b),
         "edgecase score threads": lambda: command(repo, name, small_shards, out / "t", b, "thread", w),
         "edgecase score processes": lambda: command(repo, name, small_shards, out / "p", b, "process", w),
     })  # fmt: skip
@@ -192,8 +210,8 @@ def main() -> None:
         hd = ensure_hd(args.work, small, args.hd_frames, args.shard_size)
         hd_shards = sorted(hd.glob("hd-*.tar"))
         rounds("1080p", args.repeat, {
-            "reference": lambda: sequential(model, hd_shards, b),
-            "reference, draft off": lambda: sequential(model, hd_shards, b, draft=False),
+            "reference": lambda: sequential(repo, name, hd_shards, b),
+            "reference, draft off": lambda: sequential(repo, name, hd_shards, b, draft=False),
             "edgecase score threads": lambda: command(repo, name, hd_shards, out / "ht", b, "thread", w),
             "edgecase score processes": lambda: command(repo, name, hd_shards, out / "hp", b, "process", w),
         })  # fmt: skip
