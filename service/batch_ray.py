@@ -1,11 +1,12 @@
 """The Ray Data engine of ``edgecase score --engine ray``: the same scoring, spread over a cluster.
 
 The dataset is the list of shards; a task per shard reads its records (``flat_map`` over
-``contract.shards.shard_records``, so every worker reads paths or fsspec URLs the same way), CPU
-tasks decode them (``batch_pipeline.decode_batch``: ``decode_resized``, the service's decode), and
-``map_batches`` with an actor class that holds one onnxruntime session scores them through
-``batch_scoring.rows_of_batch``, the local engine's function. Actors ask for a GPU each
-(``num_gpus=1``) when the cluster has GPUs and a CPU otherwise; ``concurrency`` sets how many.
+``contract.shards.shard_records``, so every worker reads paths or fsspec URLs the same way), a
+decode step (``batch_pipeline.decode_batch``: ``decode_resized``, the service's decode) makes model
+inputs, and ``map_batches`` with an actor class that holds one onnxruntime session scores them
+through ``batch_scoring.rows_of_batch``, the local engine's function. Actors ask for a GPU each
+(``num_gpus=1``) when the cluster has GPUs and a CPU otherwise; ``concurrency`` sets how many. Ray
+fuses decoding into CPU actors (same resources); next to GPU actors it stays in CPU tasks.
 
 The driver receives only the score rows (about 100 bytes a frame; frame bytes only for edge cases)
 in reading order (``preserve_order``) and finishes each shard exactly as the local engine does:
