@@ -197,6 +197,8 @@ def test_the_score_command_reports_user_errors_in_one_line(model, data: Path, tm
     assert "no published version" in capsys.readouterr().err
     assert main([*base, "--model", "bright", "--max-frame-errors", "2"]) == 2
     assert "fraction" in capsys.readouterr().err
+    assert main([*base[:-1], str(tmp_path / "scores.csv"), "--model", "bright"]) == 2
+    assert "a folder now" in capsys.readouterr().err
     assert main(["score", "--model", "bright", "--data", str(tmp_path / "x"), "--out", "o"]) == 2
     assert "data not found" in capsys.readouterr().err
     twice = ["--data", str(data / "val-00000.parquet"), str(data / "val-00000.parquet")]

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         options.check()
         if args.concurrency is not None and args.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        if args.out.lower().rstrip("/").endswith((".csv", ".parquet")):
+            raise ValueError(f"--out {args.out}: a folder now (one .parquet file per shard), not a file")
         if args.engine != "ray" and (args.address or args.concurrency):
             raise ValueError("--address and --concurrency apply to --engine ray only")
         shards = list_shards(args.data, chunk_size=args.chunk_size)
