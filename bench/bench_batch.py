@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -124,25 +123,16 @@ def sequential(
 def command(
     repo: Path, name: str, shards: list[Path], out: Path, batch_size: int, pool: str, workers: int
 ) -> tuple[int, float, float]:
-    """`edgecase score` in a subprocess: (frames, scoring s from _summary.json, CPU s of the process).
+    """`edgecase score` in a subprocess: (frames, scoring s, scoring CPU s), both from _summary.json.
 
-    The CPU time is the whole process's and its decode workers' (imports and model load included:
-    a few CPU-seconds, about 2% of a 20,000-frame run), so frames/CPU-s slightly favours the reference.
+    The CPU time is the command's own over its scoring, all threads, without its imports and model
+    load (the reference's excludes those too). A process pool's workers are not in it: NaN then.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    flags = [
-        "--batch-size",
-        str(batch_size),
-        "--decode-pool",
-        pool,
-        "--workers",
-        str(workers),
-        "--no-progress",
-    ]
+    flags = ["--batch-size", str(batch_size), "--decode-pool", pool, "--workers", str(workers)]
+    flags.append("--no-progress")
     cli("score", "--repo", str(repo), "--model", name, "--data", *map(str, shards), "--out", str(out), *flags)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = json.loads((out / "_summary.json").read_text())
+    cpu = float(summary["cpu_seconds"]) if pool == "thread" else float("nan")
     return int(summary["frames"]), float(summary["seconds"]), cpu
 
 

@@ -170,7 +170,7 @@ def score_shards_ray(
     size = model.frame_shape[0]
     meta = model_metadata(model)
     summary = RunSummary(meta, "ray", options.max_frame_errors)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     make_dirs(out_dir)
     todo = _resume(shards, out_dir, meta, options.resume, summary)
     if not ray.is_initialized():
@@ -229,6 +229,7 @@ def score_shards_ray(
         seconds["ray"] = time.perf_counter() - t_ray - seconds["write"]
     summary.shards = [results.get(s.name) or _skipped(summary, s) for s in shards]
     summary.seconds = time.perf_counter() - started
+    summary.cpu_seconds = time.process_time() - cpu_started  # the driver's only
     summary.stage_seconds = seconds
     write_summary(out_dir, summary.as_dict())
     return summary

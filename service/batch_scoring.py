@@ -106,6 +106,7 @@ class RunSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
     stored: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time while scoring, all threads (not worker processes)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -147,6 +148,7 @@ class RunSummary:
             "edge_cases": self.edge_cases,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
             "max_frame_errors": self.max_frame_errors,
             "exit_status": self.exit_status,
             "shards": [s.as_dict() for s in self.shards],
@@ -251,7 +253,7 @@ def score_shards(
         raise ValueError(f"{model.name}/{model.version}: the resize rule needs a square input")
     meta = model_metadata(model)
     summary = RunSummary(meta, "local", options.max_frame_errors)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     make_dirs(out_dir)
     todo = _resume(shards, out_dir, meta, options.resume, summary)
     times = StageTimes()
@@ -283,6 +285,7 @@ def score_shards(
                 on_progress(len(item.records))
     summary.shards = [results.get(s.name) or _skipped(summary, s) for s in shards]
     summary.seconds = time.perf_counter() - started
+    summary.cpu_seconds = time.process_time() - cpu_started
     summary.stage_seconds = dict(times.seconds)
     write_summary(out_dir, summary.as_dict())
     return summary
