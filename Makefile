@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= train,serve,cpu,store,dev
+EXTRAS ?= train,serve,cpu,store,dev,s3,ray
 
 .PHONY: demo test test-slow lint bench clean
 

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from contract.frames import DEFAULT_MAX_PIXELS, SUPPORTED_IMAGE_EXTENSIONS, decode_frame, decode_resized
 from contract.labels import LABELS_FILENAME, LabelsError, read_labels
+from contract.storage import RemotePath, as_location, file_size, open_binary
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,15 @@ class ReadReport:
         return text
 
 
-def _as_paths(sources: Source | Sequence[Source]) -> list[Path]:
+def _as_locations(sources: Source | Sequence[Source]) -> list[Path | RemotePath]:
     if isinstance(sources, str | os.PathLike):
-        return [Path(sources)]
+        return [as_location(sources)]
     if isinstance(sources, bytes):
         raise TypeError("sources must be paths (str or Path), not bytes")
-    return [Path(source) for source in sources]
+    return [as_location(source) for source in sources]
 
 
-def _kind(path: Path) -> str | None:
+def _kind(path: Path | RemotePath) -> str | None:
     name = path.name.lower()
     if name.endswith(TAR_SUFFIXES):
         return "tar"
@@ -118,9 +119,18 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def _walk_folder(root: Path) -> list[tuple[str, Path, str]]:
-    """Every readable file under ``root`` as (relative posix path, path, kind), sorted."""
-    found: list[tuple[str, Path, str]] = []
+def _walk_folder(root: Path | RemotePath) -> list[tuple[str, Path | RemotePath, str]]:
+    """Every readable file under ``root`` as (relative posix path, location, kind), sorted."""
+    found: list[tuple[str, Path | RemotePath, str]] = []
+    if isinstance(root, RemotePath):
+        for relative, location in root.files():
+            if any(part.startswith(".") for part in relative.split("/")):
+                continue  # hidden files, including writers' in-progress .tmp files
+            kind = _kind(location)
+            if kind is not None:
+                found.append((relative, location, kind))
+        found.sort(key=lambda item: item[0])
+        return found
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         for name in filenames:
@@ -134,9 +144,12 @@ def _walk_folder(root: Path) -> list[tuple[str, Path, str]]:
     return found
 
 
-def _folder_labels(root: Path, report: ReadReport) -> dict[str, dict[str, Any]] | None:
-    """Metadata for loose images from ``root/labels.csv``; None if absent or unusable."""
-    if not (root / LABELS_FILENAME).is_file():
+def _folder_labels(root: Path | RemotePath, report: ReadReport) -> dict[str, dict[str, Any]] | None:
+    """Metadata for loose images from ``root/labels.csv``; None if absent or unusable.
+
+    Only local folders: an object-store folder's loose images are read without labels.
+    """
+    if isinstance(root, RemotePath) or not (root / LABELS_FILENAME).is_file():
         return None
     try:
         rows = read_labels(root)
@@ -146,57 +159,69 @@ def _folder_labels(root: Path, report: ReadReport) -> dict[str, dict[str, Any]] 
     return {row.key: {"family": row.family, "split": row.split, "strength": row.strength} for row in rows}
 
 
-class _Reader:
-    """Shared state of one ``iter_frames`` call."""
+@dataclass(frozen=True)
+class Record:
+    """One frame as stored, before decoding: its bytes, or (``error`` set) why it has none.
+
+    ``whole_source`` marks an error of the file itself (a truncated tar, an unreadable Parquet
+    file): nothing after it in that file could be read. Such records have key "".
+    """
+
+    key: str
+    data: bytes | None
+    meta: dict[str, Any]
+    source: str
+    error: str | None = None
+    whole_source: bool = False
+
+
+class _RecordReader:
+    """Raw records (bytes + metadata, or an error) of folders, tar shards and Parquet files, in order."""
 
     def __init__(
         self,
-        size: int | None,
         report: ReadReport,
-        keys: Container[str] | None,
-        max_pixels: int,
-        key_column: str,
-        image_column: str,
+        keys: Container[str] | None = None,
+        key_column: str = "key",
+        image_column: str = "image",
     ) -> None:
-        self.size = size
-        self.report = report
+        self.report = report  # only for labels.csv problems; frame errors are records
         self.keys = keys
-        self.max_pixels = max_pixels
         self.key_column = key_column
         self.image_column = image_column
 
     def wanted(self, key: str) -> bool:
         return self.keys is None or key in self.keys
 
-    def make_frame(self, key: str, data: bytes, meta: dict[str, Any], source: str) -> Frame | None:
-        """Decode (and resize) one frame, or record why not."""
-        try:
-            if self.size is None:
-                image = decode_frame(data, max_pixels=self.max_pixels)
-            else:
-                image = decode_resized(data, self.size, max_pixels=self.max_pixels)
-        except ValueError as exc:  # FrameDecodeError, and anything else ValueError-shaped
-            self.report.add_frame_error(source, key, str(exc))
-            return None
-        self.report.ok += 1
-        return Frame(key=key, image=image, meta=meta, source=source)
-
-    def read_image_file(self, path: Path, key: str, meta: dict[str, Any]) -> Iterator[Frame]:
+    def read_image_file(self, path: Path | RemotePath, key: str, meta: dict[str, Any]) -> Iterator[Record]:
         if not self.wanted(key):
             return
         try:
             data = path.read_bytes()
         except OSError as exc:
-            self.report.add_frame_error(str(path), key, f"cannot read file: {exc}")
+            yield Record(key, None, meta, str(path), f"cannot read file: {exc}")
             return
-        frame = self.make_frame(key, data, meta, str(path))
-        if frame is not None:
-            yield frame
+        yield Record(key, data, meta, str(path))
 
-    def read_folder(self, root: Path) -> Iterator[Frame]:
+    def loose_images(
+        self, root: Path | RemotePath, entries: Sequence[tuple[str, Path | RemotePath]]
+    ) -> Iterator[Record]:
+        """Loose images of a folder (relative path, location), keyed relative to ``root``."""
+        labels = _folder_labels(root, self.report) if entries else None
+        for relative, path in entries:
+            key = relative.rsplit(".", 1)[0]
+            if labels is not None and key not in labels:
+                logger.debug("skipping %s: not listed in %s", path, root / LABELS_FILENAME)
+                continue
+            meta = dict(labels[key]) if labels is not None else {}
+            yield from self.read_image_file(path, key, meta)
+
+    def read_folder(self, root: Path | RemotePath) -> Iterator[Record]:
+        entries = _walk_folder(root)
+        # Files in sorted order, loose images where they sort among the shards.
         labels: dict[str, dict[str, Any]] | None = None
-        labels_loaded = False  # at the first loose image
-        for relative, path, kind in _walk_folder(root):
+        labels_loaded = False
+        for relative, path, kind in entries:
             if kind == "image":
                 if not labels_loaded:
                     labels, labels_loaded = _folder_labels(root, self.report), True
@@ -211,7 +236,7 @@ class _Reader:
             else:
                 yield from self.read_parquet(path)
 
-    def read_tar(self, path: Path) -> Iterator[Frame]:
+    def read_tar(self, path: Path | RemotePath) -> Iterator[Record]:
         source = str(path)
         groups = _tar_groups(path)
         seen: set[str] = set()
@@ -221,12 +246,11 @@ class _Reader:
             except StopIteration:
                 return
             except _TAR_ERRORS as exc:
-                self.report.add_source_error(source, f"truncated or corrupt tar: {exc}")
+                yield Record("", None, {}, source, f"truncated or corrupt tar: {exc}", whole_source=True)
                 return
             key, members = group
             if key in seen:
-                reason = "key appears twice in the shard (members not adjacent)"
-                self.report.add_frame_error(source, key, reason)
+                yield Record(key, None, {}, source, "key appears twice in the shard (members not adjacent)")
                 continue
             seen.add(key)
             if not self.wanted(key):
@@ -234,24 +258,22 @@ class _Reader:
             image_ext = next((ext for ext in _TAR_IMAGE_EXTENSIONS if ext in members), None)
             if image_ext is None:
                 found = ", ".join(sorted(members)) or "none"
-                self.report.add_frame_error(source, key, f"no image member (found: {found})")
+                yield Record(key, None, {}, source, f"no image member (found: {found})")
                 continue
             meta: dict[str, Any] = {}
             if "json" in members:
                 try:
                     loaded = json.loads(members["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    self.report.add_frame_error(source, key, f"bad {key}.json: {exc}")
+                    yield Record(key, None, {}, source, f"bad {key}.json: {exc}")
                     continue
                 if not isinstance(loaded, dict):
-                    self.report.add_frame_error(source, key, f"{key}.json is not a JSON object")
+                    yield Record(key, None, {}, source, f"{key}.json is not a JSON object")
                     continue
                 meta = loaded
-            frame = self.make_frame(key, members[image_ext], meta, source)
-            if frame is not None:
-                yield frame
+            yield Record(key, members[image_ext], meta, source)
 
-    def read_parquet(self, path: Path) -> Iterator[Frame]:
+    def read_parquet(self, path: Path | RemotePath) -> Iterator[Record]:
         source = str(path)
         batches = _parquet_batches(path, self.key_column, self.image_column)
         while True:
@@ -260,13 +282,13 @@ class _Reader:
             except StopIteration:
                 return
             except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-                self.report.add_source_error(source, f"unreadable Parquet file: {exc}")
+                yield Record("", None, {}, source, f"unreadable Parquet file: {exc}", whole_source=True)
                 return
             keys = columns.pop(self.key_column)
             images = columns.pop(self.image_column)
             for row, key in enumerate(keys):
                 if key is None:
-                    self.report.add_frame_error(source, f"<row {row}>", "missing key")
+                    yield Record(f"<row {row}>", None, {}, source, "missing key")
                     continue
                 key = str(key)
                 if not self.wanted(key):
@@ -274,19 +296,17 @@ class _Reader:
                 data = images[row]
                 if isinstance(data, dict):  # Hugging Face datasets' Image(): {"bytes", "path"}
                     data = data.get("bytes")
-                if not isinstance(data, bytes):
-                    self.report.add_frame_error(source, key, "no image bytes in this row")
-                    continue
                 meta = {name: values[row] for name, values in columns.items()}
-                frame = self.make_frame(key, data, meta, source)
-                if frame is not None:
-                    yield frame
+                if not isinstance(data, bytes):
+                    yield Record(key, None, meta, source, "no image bytes in this row")
+                    continue
+                yield Record(key, data, meta, source)
 
-    def read_all(self, paths: list[Path]) -> Iterator[Frame]:
+    def read_all(self, paths: list[Path | RemotePath]) -> Iterator[Record]:
         for path in paths:
             yield from self.read_source(path)
 
-    def read_source(self, path: Path) -> Iterator[Frame]:
+    def read_source(self, path: Path | RemotePath) -> Iterator[Record]:
         if path.is_dir():
             yield from self.read_folder(path)
             return
@@ -296,9 +316,13 @@ class _Reader:
         elif kind == "parquet":
             yield from self.read_parquet(path)
         elif kind == "image":
-            yield from self.read_image_file(path, path.stem, {})
+            yield from self.read_image_file(path, _stem(path), {})
         else:
             raise ValueError(f"{path}: not a folder, .tar, .parquet or image file")
+
+
+def _stem(path: Path | RemotePath) -> str:
+    return path.stem if isinstance(path, Path) else path.name.rsplit(".", 1)[0]
 
 
 def _split_member_name(name: str) -> tuple[str, str] | None:
@@ -312,16 +336,17 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_groups(path: Path | RemotePath) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {extension: bytes}) for runs of adjacent members sharing a key.
 
     Shards are plain (uncompressed) tar, as WebDataset writes them, which keeps the offsets below
-    meaningful. Only image and json members are read. Raises ``tarfile.ReadError`` when the
+    meaningful. The tar is read as a stream (no seeks), so an object store is read front to back.
+    Only image and json members are read. Raises ``tarfile.ReadError`` when the
     archive is cut short, including a cut exactly on a member boundary (no end-of-archive blocks).
     """
     wanted = (*_TAR_IMAGE_EXTENSIONS, "json")
-    file_size = path.stat().st_size
-    with tarfile.open(path, mode="r:") as tar:
+    file_size_ = file_size(path)
+    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         current: str | None = None
         members: dict[str, bytes] = {}
         for info in tar:
@@ -334,9 +359,9 @@ def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield current, members
                 current, members = key, {}
             if ext in wanted and ext not in members:
-                handle = tar.extractfile(info)
-                assert handle is not None  # regular files always have data
-                data = handle.read()
+                member = tar.extractfile(info)
+                assert member is not None  # regular files always have data
+                data = member.read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"unexpected end of data in member {info.name}")
                 members[ext] = data
@@ -344,21 +369,52 @@ def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield current, members
         # tarfile stops silently when the file ends on a header boundary; a complete archive
         # ends with two zero blocks, so compare offsets to tell "ended" from "cut short".
-        if tar.offset + 2 * tarfile.BLOCKSIZE > file_size:
+        if tar.offset + 2 * tarfile.BLOCKSIZE > file_size_:
             raise tarfile.ReadError("archive ends without its end-of-archive blocks (truncated)")
 
 
-def _parquet_batches(path: Path, key_column: str, image_column: str) -> Iterator[dict[str, list[Any]]]:
+def _parquet_batches(
+    path: Path | RemotePath, key_column: str, image_column: str
+) -> Iterator[dict[str, list[Any]]]:
     """Yield column -> Python values for ``PARQUET_BATCH_ROWS`` rows at a time."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as parquet:
+    with open_binary(path) as handle, pq.ParquetFile(handle) as parquet:
         names = parquet.schema_arrow.names
         missing = [column for column in (key_column, image_column) if column not in names]
         if missing:
             raise ValueError(f"missing column(s) {', '.join(missing)} (found: {', '.join(names)})")
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             yield {name: batch.column(name).to_pylist() for name in batch.schema.names}
+
+
+def _check_sources(sources: Source | Sequence[Source]) -> list[Path | RemotePath]:
+    """Locations of ``sources``; a missing source or an unknown file type stops the run here."""
+    paths = _as_locations(sources)
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"frame source not found: {path}")
+        if not path.is_dir() and _kind(path) is None:
+            raise ValueError(f"{path}: not a folder, .tar, .parquet or image file")
+    return paths
+
+
+def iter_records(
+    sources: Source | Sequence[Source],
+    *,
+    report: ReadReport | None = None,
+    keys: Container[str] | None = None,
+    key_column: str = "key",
+    image_column: str = "image",
+) -> Iterator[Record]:
+    """Every frame of ``sources`` as stored (bytes, not pixels), errors included, in reading order.
+
+    What ``iter_frames`` decodes, for callers that decode elsewhere (batch scoring's worker pool).
+    Sources are paths or fsspec URLs (``s3://bucket/shards/``).
+    """
+    paths = _check_sources(sources)
+    reader = _RecordReader(report if report is not None else ReadReport(), keys, key_column, image_column)
+    return reader.read_all(paths)
 
 
 def iter_frames(
@@ -374,24 +430,41 @@ def iter_frames(
     """Iterate over every decodable frame of ``sources`` in a deterministic order.
 
     ``sources``: a folder, ``.tar``, ``.parquet`` or image file, or a list of them (read in the
-    order given). ``size`` resizes by the one rule (``contract.frames.decode_resized``); ``keys``
-    keeps only frames whose key is in it (e.g. one split from labels.csv); ``report`` collects
-    counts and errors. Arguments are checked at the call, not at the first ``next``: raises
-    ``FileNotFoundError`` for a source that does not exist (a typo should stop a run; bad data
-    inside a source should not).
+    order given); paths or fsspec URLs. ``size`` resizes by the one rule
+    (``contract.frames.decode_resized``); ``keys`` keeps only frames whose key is in it (e.g. one
+    split from labels.csv); ``report`` collects counts and errors. Arguments are checked at the
+    call, not at the first ``next``: raises ``FileNotFoundError`` for a source that does not exist
+    (a typo should stop a run; bad data inside a source should not).
     """
-    paths = _as_paths(sources)
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"frame source not found: {path}")
-        if not path.is_dir() and _kind(path) is None:
-            raise ValueError(f"{path}: not a folder, .tar, .parquet or image file")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size must be a positive integer or None, got {size!r}")
-    reader = _Reader(
-        size, report if report is not None else ReadReport(), keys, max_pixels, key_column, image_column
+    report = report if report is not None else ReadReport()
+    records = iter_records(
+        sources, report=report, keys=keys, key_column=key_column, image_column=image_column
     )
-    return reader.read_all(paths)
+    return _decode_records(records, size, max_pixels, report)
+
+
+def _decode_records(
+    records: Iterator[Record], size: int | None, max_pixels: int, report: ReadReport
+) -> Iterator[Frame]:
+    for record in records:
+        if record.whole_source:
+            report.add_source_error(record.source, record.error or "unreadable")
+            continue
+        if record.error is not None or record.data is None:
+            report.add_frame_error(record.source, record.key, record.error or "no image bytes")
+            continue
+        try:
+            if size is None:
+                image = decode_frame(record.data, max_pixels=max_pixels)
+            else:
+                image = decode_resized(record.data, size, max_pixels=max_pixels)
+        except ValueError as exc:  # FrameDecodeError, and anything else ValueError-shaped
+            report.add_frame_error(record.source, record.key, str(exc))
+            continue
+        report.ok += 1
+        yield Frame(key=record.key, image=image, meta=record.meta, source=record.source)
 
 
 def count_frames(sources: Source | Sequence[Source]) -> int:
@@ -403,14 +476,15 @@ def count_frames(sources: Source | Sequence[Source]) -> int:
     import pyarrow.parquet as pq
 
     total = 0
-    for path in _as_paths(sources):
+    for path in _as_locations(sources):
         entries = _walk_folder(path) if path.is_dir() else [(path.name, path, _kind(path) or "")]
         for _, file, kind in entries:
             try:
                 if kind == "image":
                     total += 1
                 elif kind == "parquet":
-                    total += pq.ParquetFile(file).metadata.num_rows
+                    with open_binary(file) as handle:
+                        total += pq.ParquetFile(handle).metadata.num_rows
                 elif kind == "tar":
                     total += _count_tar_keys(file)
             except (*_TAR_ERRORS, ValueError):
@@ -418,9 +492,9 @@ def count_frames(sources: Source | Sequence[Source]) -> int:
     return total
 
 
-def _count_tar_keys(path: Path) -> int:
+def _count_tar_keys(path: Path | RemotePath) -> int:
     keys: set[str] = set()
-    with tarfile.open(path, mode="r:") as tar:
+    with open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         for info in tar:
             parsed = _split_member_name(info.name) if info.isfile() else None
             if parsed is not None and parsed[1] in _TAR_IMAGE_EXTENSIONS:

@@ -1,248 +1,360 @@
-"""Batch scoring of data sets without a server: frames from folders, tar shards or Parquet -> scores file.
+"""Batch scoring of data sets without a server: shards in, one scored Parquet file per shard out.
 
-The same pieces as the HTTP path, minus HTTP: ``contract.readers.iter_frames`` decodes (bad frames are
-reported with their shard and key, then skipped), ``contract.frames.resize_frame`` applies the
-manifest's resize rule, the registry's ``LoadedModel`` scores whole batches in one
-``session.run``, p-values come from the manifest's calibration scores, and a frame is an edge case
-when ``score > threshold`` (strictly, as calibrated in ``training/calibrate.py``). Optionally every
-edge case also lands in a ``FlaggedStore`` for review, exactly as the service would keep it.
+The same pieces as the HTTP path, minus HTTP: ``contract.shards`` lists and reads the shards
+(folders, tar, Parquet; local paths or fsspec URLs), ``service.batch_pipeline`` reads and decodes
+ahead (``decode_resized``, the service's decode) in a pool while this module runs the one
+onnxruntime session on whole batches, p-values come from the manifest's calibration scores, and a
+frame is an edge case by ``contract.manifest.is_edge_case``. ``service.batch_output`` writes each
+shard's file atomically and ``_summary.json`` at the end.
 
-The output (CSV or Parquet, chosen by extension) is streamed to a temporary file beside the target
-and renamed into place at the end, so a crashed run never leaves a half-written scores file.
+Order of a shard's writes, so that a kill at any point is harmless: its flags first (idempotent: each
+carries the key ``batch_flag_key`` makes from model, version, shard and frame key, which the store
+keeps once), then its output file (atomic rename). A rerun with ``resume``
+keeps every shard whose file is whole and made by this model version, redoes the rest, and
+offers the same flags again, which the store ignores. A shard whose file cannot be read to the
+end (truncated tar, unreadable Parquet) gets no output file and is listed as failed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
+import json
 import logging
-import os
+import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from contract.frames import encode_png, resize_frame
+from contract.frames import probe_frame
 from contract.manifest import is_edge_case
-from contract.readers import Frame, ReadReport, count_frames, iter_frames
-from service.flagged import FlaggedStore, NewFlag
+from contract.readers import Record
+from contract.shards import DEFAULT_CHUNK_SIZE, Shard
+from contract.storage import RemotePath, make_dirs
+from service.batch_output import (
+    ShardRows,
+    is_complete,
+    model_metadata,
+    read_counts,
+    shard_path,
+    write_shard,
+    write_summary,
+)
+from service.batch_pipeline import PoolKind, StageTimes, decoded_batches, make_pool
+from service.flag_store import FlagStore, NewFlag
 from service.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-COLUMNS: tuple[str, ...] = ("key", "source", "score", "p_value", "is_edge_case")
-OUTPUT_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
-
-
-class _Rows(Protocol):
-    def write(self, rows: dict[str, list[Any]]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _CsvRows:
-    """Rows appended to an open CSV file (floats with repr precision, so they round-trip)."""
-
-    def __init__(self, path: Path) -> None:
-        self._handle = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close)
-        self._writer = csv.writer(self._handle, lineterminator="\n")
-        self._writer.writerow(COLUMNS)
-
-    def write(self, rows: dict[str, list[Any]]) -> None:
-        for key, source, score, p_value, flag in zip(*(rows[c] for c in COLUMNS), strict=True):
-            self._writer.writerow([key, source, repr(float(score)), repr(float(p_value)), str(bool(flag))])
-
-    def close(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-
-
-class _ParquetRows:
-    """Rows appended to a Parquet file, one row group per batch of rows written."""
-
-    def __init__(self, path: Path) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self._pa = pa
-        self._schema = pa.schema(
-            [
-                ("key", pa.string()),
-                ("source", pa.string()),
-                ("score", pa.float64()),
-                ("p_value", pa.float64()),
-                ("is_edge_case", pa.bool_()),
-            ]
-        )
-        self._writer = pq.ParquetWriter(path, self._schema)
-
-    def write(self, rows: dict[str, list[Any]]) -> None:
-        self._writer.write_table(self._pa.table(rows, schema=self._schema))
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def _open_rows(path: Path, fmt: str) -> _Rows:
-    return _ParquetRows(path) if fmt == ".parquet" else _CsvRows(path)
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
 @dataclass
-class ScoreSummary:
-    """What one batch-scoring run did; ``text()`` is the line the CLI prints."""
+class BatchOptions:
+    """How to run; the defaults are what ``edgecase score`` uses."""
 
-    out: Path
-    model: str
-    version: int
+    batch_size: int = 64
+    workers: int = 2
+    pool: PoolKind = "thread"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    resume: bool = False
+    max_frame_errors: float = 0.001
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if not 0.0 <= self.max_frame_errors <= 1.0:
+            raise ValueError(f"max frame errors is a fraction in [0, 1], got {self.max_frame_errors}")
+
+
+@dataclass
+class ShardResult:
+    """One shard's line in the summary; status is scored, skipped (resumed) or failed."""
+
+    shard: str
+    source: str
     frames: int = 0
     edge_cases: int = 0
+    errors: int = 0
+    status: str = "scored"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "source": self.source,
+            "frames": self.frames,
+            "edge_cases": self.edge_cases,
+            "errors": self.errors,
+            "status": self.status,
+        }
+
+
+@dataclass
+class RunSummary:
+    """What one run did; ``as_dict`` is ``_summary.json``, ``exit_status`` the command's."""
+
+    model_meta: dict[str, str]
+    engine: str = "local"
+    max_frame_errors: float = 0.001
+    shards: list[ShardResult] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
     stored: int = 0
-    failed: int = 0
-    failed_sources: int = 0
     seconds: float = 0.0
-    errors: list[tuple[str, str, str]] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # this process's CPU time while scoring, all threads (not worker processes)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
-    def frames_per_s(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
+    def frames(self) -> int:
+        return sum(s.frames for s in self.shards if s.status != "failed")
+
+    @property
+    def edge_cases(self) -> int:
+        return sum(s.edge_cases for s in self.shards if s.status != "failed")
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.shards if s.status != "failed")
+
+    @property
+    def failed_shards(self) -> int:
+        return sum(1 for s in self.shards if s.status == "failed")
+
+    @property
+    def too_many_frame_errors(self) -> bool:
+        return self.frames > 0 and self.errors / self.frames > self.max_frame_errors
+
+    @property
+    def exit_status(self) -> int:
+        """0: all shards scored and frame errors within the limit; 1: otherwise (see --help)."""
+        return 1 if self.failed_shards or self.too_many_frame_errors else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        meta = self.model_meta
+        scored = sum(s.frames for s in self.shards if s.status == "scored")
+        return {
+            "model": meta["model"],
+            "version": int(meta["version"]),
+            "head": meta["head"],
+            "threshold": float(meta["threshold"]),
+            "target_fpr": float(meta["target_fpr"]),
+            "engine": self.engine,
+            "frames": self.frames,
+            "edge_cases": self.edge_cases,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "max_frame_errors": self.max_frame_errors,
+            "exit_status": self.exit_status,
+            "shards": [s.as_dict() for s in self.shards],
+            "failures": self.failures,
+            "stage_frames_per_s": {
+                stage: round(scored / seconds, 1) if seconds > 0 else None
+                for stage, seconds in self.stage_seconds.items()
+            },
+        }
 
     def text(self) -> str:
+        skipped = sum(1 for s in self.shards if s.status == "skipped")
+        rate = self.frames / self.seconds if self.seconds > 0 else 0.0
         line = (
-            f"scored {self.frames:,} frames with {self.model}/{self.version} in {self.seconds:.1f} s "
-            f"({self.frames_per_s:,.1f} frames/s): {self.edge_cases:,} flagged as edge cases, "
-            f"{self.failed:,} failed"
+            f"scored {self.frames:,} frames in {len(self.shards):,} shard(s) with "
+            f"{self.model_meta['model']}/{self.model_meta['version']} in {self.seconds:.1f} s "
+            f"({rate:,.1f} frames/s): {self.edge_cases:,} edge cases, {self.errors:,} frame error(s)"
         )
-        if self.failed_sources:
-            line += f", {self.failed_sources:,} unreadable file(s)"
+        if skipped:
+            line += f", {skipped:,} shard(s) already done (resumed)"
+        if self.failed_shards:
+            line += f", {self.failed_shards:,} shard(s) FAILED"
         if self.stored:
-            line += f"; {self.stored:,} added to the flagged store"
-        return line + f" -> {self.out}"
+            line += f"; {self.stored:,} new flag(s) in the store"
+        return line
 
 
-def check_output_path(out: Path) -> Path:
-    """Refuse an output whose extension says neither CSV nor Parquet, before any work is done."""
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output {out} must end in {' or '.join(OUTPUT_SUFFIXES)} (the format follows it)")
-    return out
+def score_images(model: LoadedModel, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
+    """Score decoded model inputs in one session.run (empty in, empty out)."""
+    if not images:
+        return np.zeros(0, dtype=np.float64)
+    return np.asarray(model.score(np.stack(images))["score"], dtype=np.float64)
 
 
-def _batches(frames: Iterator[Frame], batch_size: int) -> Iterator[list[Frame]]:
-    batch: list[Frame] = []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def rows_of_batch(
+    model: LoadedModel,
+    records: Sequence[Record],
+    images: Sequence[npt.NDArray[np.uint8] | None],
+    errors: Sequence[str | None],
+) -> ShardRows:
+    """One batch's rows in record order: scores for decoded frames, the reason for the others."""
+    ok = [i for i, image in enumerate(images) if image is not None]
+    scores = score_images(model, [images[i] for i in ok])  # type: ignore[misc]
+    p_values = model.p_values(scores) if len(scores) else scores
+    flags = is_edge_case(scores, model.threshold)
+    rows = ShardRows.empty()
+    position = {i: j for j, i in enumerate(ok)}
+    for i, record in enumerate(records):
+        rows.key.append(record.key)
+        rows.source.append(record.source)
+        j = position.get(i)
+        if j is None:
+            rows.score.append(None)
+            rows.p_value.append(None)
+            rows.is_edge_case.append(None)
+            rows.error.append(record.error or errors[i] or "not decoded")
+        else:
+            rows.score.append(float(scores[j]))
+            rows.p_value.append(float(p_values[j]))
+            rows.is_edge_case.append(bool(flags[j]))
+            rows.error.append(None)
+    return rows
 
 
-def score_batch(model: LoadedModel, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float64]:
-    """Resize frames by the manifest's rule, stack them NHWC and score them in one session.run."""
+def flags_of(model: LoadedModel, records: Sequence[Record], rows: ShardRows) -> list[NewFlag]:
+    """The edge cases among a batch's rows as flags: the frame's bytes as stored, its metadata."""
+    flags = []
+    for record, score, p_value, flag in zip(
+        records, rows.score, rows.p_value, rows.is_edge_case, strict=True
+    ):
+        if not flag or record.data is None or score is None or p_value is None:
+            continue
+        ext = _EXTENSIONS.get(probe_frame(record.data).format, "png")
+        meta = {"source": record.source, "via": "edgecase score", **_json_safe(record.meta)}
+        flags.append(NewFlag(record.data, model.name, model.version, score, p_value, record.key, meta, ext))
+    return flags
+
+
+@dataclass
+class _Open:
+    """A shard being scored: rows and flags so far, or the error that ended it."""
+
+    rows: ShardRows = field(default_factory=ShardRows.empty)
+    flags: list[NewFlag] = field(default_factory=list)
+    failure: str | None = None
+
+
+def score_shards(
+    model: LoadedModel,
+    shards: Sequence[Shard],
+    out_dir: Path | RemotePath,
+    *,
+    options: BatchOptions | None = None,
+    store: FlagStore | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Score ``shards`` into ``out_dir`` (a ``Path`` or ``RemotePath``) with the local engine."""
+    options = options or BatchOptions()
+    options.check()
     height, width, _ = model.frame_shape
     if height != width:
-        raise ValueError(
-            f"{model.name}/{model.version}: the resize rule needs a square input, got {height}x{width}"
-        )
-    stacked = np.stack([resize_frame(image, height) for image in images])
-    return np.asarray(model.score(stacked)["score"], dtype=np.float64)
-
-
-def score_dataset(
-    model: LoadedModel,
-    sources: Path | str | Sequence[Path | str],
-    out: Path | str,
-    *,
-    batch_size: int = 64,
-    store: FlaggedStore | None = None,
-    progress: bool = True,
-) -> ScoreSummary:
-    """Score every readable frame in ``sources`` and write one row per frame to ``out`` (CSV/Parquet).
-
-    Edge cases (``score > threshold``) are added to ``store`` when one is given, as PNG of the frame
-    as read (before resizing) with the frame key as client key and its source in the metadata.
-    """
-    from tqdm import tqdm
-
-    out = check_output_path(Path(out))
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary = ScoreSummary(out=out, model=model.name, version=model.version)
-    report = ReadReport()
-    threshold = model.threshold
-    started = time.perf_counter()
-    total = count_frames(sources) if progress else None
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    rows = _open_rows(tmp, out.suffix.lower())
-    try:
-        with tqdm(
-            total=total, unit="frame", desc=f"score {model.name}/{model.version}", disable=not progress
-        ) as bar:
-            # Frames are read at full size and resized here, so flagged frames are kept as they were.
-            for batch in _batches(iter_frames(sources, report=report), batch_size):
-                scores = score_batch(model, [frame.image for frame in batch])
-                p_values = model.p_values(scores)
-                flags = is_edge_case(scores, threshold)
-                rows.write(
-                    {
-                        "key": [frame.key for frame in batch],
-                        "source": [frame.source for frame in batch],
-                        "score": scores.tolist(),
-                        "p_value": p_values.tolist(),
-                        "is_edge_case": flags.tolist(),
-                    }
-                )
-                summary.frames += len(batch)
-                summary.edge_cases += int(flags.sum())
-                if store is not None and flags.any():
-                    summary.stored += len(_store_flags(store, model, batch, scores, p_values, flags))
-                bar.update(summary.frames + report.failed - bar.n)  # skipped frames count as done
-                bar.set_postfix(flagged=summary.edge_cases, failed=report.failed)
-        rows.close()
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            rows.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        raise ValueError(f"{model.name}/{model.version}: the resize rule needs a square input")
+    meta = model_metadata(model)
+    summary = RunSummary(meta, "local", options.max_frame_errors)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    make_dirs(out_dir)
+    todo = _resume(shards, out_dir, meta, options.resume, summary)
+    times = StageTimes()
+    results: dict[str, ShardResult] = {}
+    with make_pool(options.pool, options.workers) as pool:
+        open_shards: dict[str, _Open] = {}
+        for item in decoded_batches(
+            todo, size=height, batch_size=options.batch_size, pool=pool, depth=2 * options.workers + 2,
+            times=times,
+        ):  # fmt: skip
+            state = open_shards.setdefault(item.shard.name, _Open())
+            if item.records is None:  # the shard is read: flags, then its file
+                t0 = time.perf_counter()
+                results[item.shard.name] = _finish(model, item.shard, state, out_dir, meta, store, summary)
+                times.add("write", time.perf_counter() - t0)
+                del open_shards[item.shard.name]
+                continue
+            assert item.decoded is not None
+            records = [r for r in item.records if not r.whole_source]
+            if len(records) < len(item.records):
+                state.failure = next(r.error for r in item.records if r.whole_source) or "unreadable"
+            t0 = time.perf_counter()
+            rows = rows_of_batch(model, records, item.decoded.images[: len(records)], item.decoded.errors)
+            times.add("score", time.perf_counter() - t0)
+            state.rows.extend(rows)
+            if store is not None:
+                state.flags.extend(flags_of(model, records, rows))
+            if on_progress is not None:
+                on_progress(len(item.records))
+    summary.shards = [results.get(s.name) or _skipped(summary, s) for s in shards]
     summary.seconds = time.perf_counter() - started
-    summary.failed, summary.failed_sources, summary.errors = (
-        report.failed,
-        report.failed_sources,
-        report.errors,
-    )
+    summary.cpu_seconds = time.process_time() - cpu_started
+    summary.stage_seconds = dict(times.seconds)
+    write_summary(out_dir, summary.as_dict())
     return summary
 
 
-def _store_flags(
-    store: FlaggedStore,
+def _resume(
+    shards: Sequence[Shard],
+    out_dir: Path | RemotePath,
+    meta: Mapping[str, str],
+    resume: bool,
+    summary: RunSummary,
+) -> list[Shard]:
+    """The shards still to score; with ``resume``, finished ones are counted from their files."""
+    if not resume:
+        return list(shards)
+    todo = []
+    for shard in shards:
+        path = shard_path(out_dir, shard.name)
+        if is_complete(path, shard.source, meta):
+            frames, edge_cases, errors = read_counts(path)
+            summary.shards.append(
+                ShardResult(shard.name, shard.source, frames, edge_cases, errors, "skipped")
+            )
+        else:
+            todo.append(shard)
+    return todo
+
+
+def _skipped(summary: RunSummary, shard: Shard) -> ShardResult:
+    return next(s for s in summary.shards if s.shard == shard.name)
+
+
+def _finish(
     model: LoadedModel,
-    batch: Sequence[Frame],
-    scores: npt.NDArray[np.float64],
-    p_values: npt.NDArray[np.float64],
-    flags: npt.NDArray[np.bool_],
-) -> list[int]:
-    """Keep a batch's edge cases in the flagged store (one commit for the batch)."""
-    new = [
-        NewFlag(
-            image=encode_png(frame.image),
-            model=model.name,
-            version=model.version,
-            score=float(scores[i]),
-            p_value=float(p_values[i]),
-            key=frame.key,
-            metadata={"source": frame.source, "via": "edgecase score", **_json_safe(frame.meta)},
-        )
-        for i, frame in enumerate(batch)
-        if flags[i]
-    ]
-    return [record.id for record in store.add_many(new)]
+    shard: Shard,
+    state: _Open,
+    out_dir: Path | RemotePath,
+    meta: Mapping[str, str],
+    store: FlagStore | None,
+    summary: RunSummary,
+) -> ShardResult:
+    rows = state.rows
+    result = ShardResult(shard.name, shard.source, len(rows), rows.edge_cases, rows.errors)
+    for key, source, error in zip(rows.key, rows.source, rows.error, strict=True):
+        if error is not None:
+            summary.failures.append({"source": source, "key": key, "error": error})
+    if state.failure is not None:
+        # Not written: --resume tries it again. Its frames so far are not counted, nor flagged.
+        result.status = "failed"
+        summary.failures.append({"source": shard.source, "key": "", "error": state.failure})
+        log.error("shard %s failed: %s", shard.source, state.failure)
+        return result
+    if store is not None and state.flags:
+        flags = [
+            replace(flag, idempotency_key=batch_flag_key(model, shard.source, flag.key))
+            for flag in state.flags
+        ]
+        before = store.count()
+        store.add_many(flags)
+        summary.stored += store.count() - before  # new flags: a rerun's are already there
+    write_shard(out_dir, shard.name, shard.source, rows, meta)
+    return result
+
+
+def batch_flag_key(model: LoadedModel, source: str, key: str | None) -> str:
+    """The idempotency key of a batch flag: one flag per model, version, source shard and frame key."""
+    return json.dumps(["edgecase score", model.name, model.version, source, key])
 
 
 def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +363,30 @@ def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
     for key, value in meta.items():
         if isinstance(value, np.generic):
             value = value.item()
-        if isinstance(value, float) and not np.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             value = None  # JSON has no NaN
         safe[key] = value if isinstance(value, str | int | float | bool) or value is None else str(value)
     return safe
+
+
+def load_model(repo: str, name: str, version: int | None = None) -> LoadedModel:
+    """Load ``name`` from a repository path or fsspec URL (``s3://bucket/models``).
+
+    A remote repository's ``<name>/`` folder is copied to a temporary folder first and loaded from
+    there by the usual registry (sha256 and signature checks included); onnxruntime holds the graph
+    in memory, so the copy is removed at once.
+    """
+    import tempfile
+
+    from contract.storage import as_location, copy_tree_to_local
+    from service.registry import ModelLoadError, ModelRegistry
+
+    location = as_location(repo)
+    if not isinstance(location, RemotePath):
+        return ModelRegistry(location).load(name, version)
+    remote = location / name
+    if not remote.is_dir():
+        raise ModelLoadError(f"{remote}: no such model in the repository")
+    with tempfile.TemporaryDirectory(prefix="edgecase-model-") as tmp:
+        copy_tree_to_local(remote, Path(tmp) / name)
+        return ModelRegistry(tmp).load(name, version)

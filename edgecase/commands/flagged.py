@@ -105,13 +105,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _open_store(args: argparse.Namespace) -> FlagStore:
+    return open_store(args.store, args.images)
+
+
+def open_store(location: str | None, images: str | None, *, create: bool = False) -> FlagStore:
+    """The flagged store at ``location`` (a folder or a postgresql:// URL; None = the environment's).
+
+    One opener for every command that reads or writes the store (``flagged``, ``score --flag-store``);
+    ``create`` makes an embedded store that does not exist yet instead of refusing a mistyped path.
+    """
     from edgecase.cli import CliError
 
-    store = args.store if args.store is not None else _default_store()
+    store = location if location is not None else _default_store()
     if store.startswith(("postgresql://", "postgres://")):
         from service.flagged_postgres import PostgresFlagStore
 
-        images = args.images or os.environ.get(IMAGES_ENV)
+        images = images or os.environ.get(IMAGES_ENV)
         if not images:
             raise CliError(f"a postgresql:// store needs --images or ${IMAGES_ENV} (s3://bucket/prefix/)")
         try:
@@ -123,7 +132,7 @@ def _open_store(args: argparse.Namespace) -> FlagStore:
             raise CliError(f"cannot open the flagged store {store.split('@')[-1]}: {exc}") from exc
     from service.flagged import DB_FILE, FlaggedStore
 
-    if not (Path(store) / DB_FILE).is_file():
+    if not create and not (Path(store) / DB_FILE).is_file():
         raise CliError(f"no flagged-frame store at {store} (no {DB_FILE}); pass --store or set ${STORE_ENV}")
     return FlaggedStore(store)
 
