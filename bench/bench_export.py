@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.registry import make_session
-from training.graphs import available_heads, build_score_graph, run_kind
+from training.heads import available_heads, build_score_graph, run_kind
 from training.onnx_graph import export_onnx
 from training.variants import make_variant
 

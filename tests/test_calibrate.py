@@ -88,16 +88,16 @@ def test_calibration_file_round_trips(tmp_path: Path) -> None:
         load_calibration(tmp_path, "gan-disc")
 
 
-def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) -> None:
+def test_calibrate_heads_scores_held_out_normals_with_each_head(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
 
-    from training.calibrate import calibrate_run, score_frames
-    from training.graphs import build_score_graph
+    from training.calibrate import score_frames
+    from training.heads import build_score_graph, calibrate_heads
 
     run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
     val = normal_frames(30, seed=21)
-    result = calibrate_run(run, val, heads=["gan-disc", "gan-patch"], target_fpr=0.1)
+    result = calibrate_heads(run, val, heads=["gan-disc", "gan-patch"], target_fpr=0.1)
     assert set(result) == {"gan-disc", "gan-patch"}
     for head, cal in result.items():
         saved = json.loads((run / "calibration" / f"{head}.json").read_text())
@@ -107,12 +107,12 @@ def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) ->
         assert np.mean(expected > cal.threshold) <= 0.1
 
 
-def test_calibrate_run_rejects_an_unknown_head(tmp_path: Path) -> None:
+def test_calibrate_heads_rejects_an_unknown_head(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
 
-    from training.calibrate import calibrate_run
+    from training.heads import calibrate_heads
 
     run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
     with pytest.raises(ValueError, match="unknown score head 'vae-elbo'"):
-        calibrate_run(run, normal_frames(4), heads=["vae-elbo"])
+        calibrate_heads(run, normal_frames(4), heads=["vae-elbo"])

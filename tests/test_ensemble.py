@@ -24,7 +24,7 @@ from eval_helpers import (  # noqa: E402
 )
 
 from edgecase.cli import main  # noqa: E402
-from training.graphs import available_heads, build_score_graph, default_head  # noqa: E402
+from training.heads import available_heads, build_score_graph, default_head  # noqa: E402
 from training.onnx_graph import export_onnx  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
 

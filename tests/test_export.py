@@ -302,7 +302,7 @@ ALL_HEADS = [(kind, head) for kind, heads in HEADS.items() for head in heads]
 
 @pytest.mark.parametrize("kind", [pytest.param("vae"), pytest.param("gan", marks=pytest.mark.slow)])
 def test_the_head_list_covers_every_head_of_a_run(runs: dict[str, Path], kind: str) -> None:
-    from training.graphs import available_heads
+    from training.heads import available_heads
 
     assert sorted(available_heads(runs[kind])) == sorted(HEADS[kind])
 

@@ -19,9 +19,26 @@ ort = pytest.importorskip("onnxruntime")
 from eval_helpers import edge_frames, normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 from torch import nn  # noqa: E402
 
-from training.combo_heads import (  # noqa: E402
+from training.heads import (  # noqa: E402
+    available_heads,
+    build_score_graph,
+    default_head,
+    default_head_of,
+    head_info,
+)
+from training.heads.combo import ComboGraph  # noqa: E402
+from training.heads.patch import PatchDistanceGraph, cell_statistics  # noqa: E402
+from training.onnx_graph import export_onnx  # noqa: E402
+from training.patch_bank import (  # noqa: E402
+    PatchFeatures,
+    build_bank,
+    context_backbone,
+    early_layers,
+    greedy_coreset,
+    sample_candidates,
+)
+from training.protocol import (  # noqa: E402
     MIN_GAIN,
-    ComboGraph,
     choose_rule,
     combine,
     preferred,
@@ -29,24 +46,6 @@ from training.combo_heads import (  # noqa: E402
     pseudo_auroc,
     select_components,
 )
-from training.graphs import (  # noqa: E402
-    available_heads,
-    build_score_graph,
-    default_head,
-    default_head_of,
-    head_info,
-)
-from training.local_heads import (  # noqa: E402
-    PatchDistanceGraph,
-    PatchFeatures,
-    build_bank,
-    cell_statistics,
-    context_backbone,
-    early_layers,
-    greedy_coreset,
-    sample_candidates,
-)
-from training.onnx_graph import export_onnx  # noqa: E402
 
 
 def write_config(run_dir: Path, kind: str) -> Path:
@@ -127,7 +126,7 @@ def test_head_info_describes_each_head() -> None:
     patch = head_info("gan-patch")
     assert patch.kind == "gan" and patch.has_map and "nearest-neighbour" in patch.definition
     assert head_info("vae-elbo").kind == "vae"
-    assert callable(head_info("vae-combo").builder)
+    assert callable(head_info("vae-combo").build) and callable(head_info("vae-combo").fit)
 
 
 def test_the_default_head_of_each_kind_is_a_registered_head(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The DRAEM-style head ``<kind>-seg``: synthetic defects, a net that learns to find them, its cache,
-its export, and the held-out corruptions that judge it (training/seg_head.py, training/combo_heads.py).
+its export, and the held-out corruptions that judge it (training/heads/seg.py, training/seg_net.py,
+training/protocol.py).
 """
 
 from __future__ import annotations
@@ -16,19 +17,12 @@ ort = pytest.importorskip("onnxruntime")
 
 from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 
-from training.combo_heads import heldout_anomalies, pseudo_auroc  # noqa: E402
-from training.graphs import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
+from training.heads import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
+from training.heads.seg import SegGraph, load_reconstructor, resolve_steps  # noqa: E402
 from training.onnx_graph import export_onnx  # noqa: E402
+from training.protocol import heldout_anomalies, pseudo_auroc  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
-from training.seg_head import (  # noqa: E402
-    SegGraph,
-    blob_corruptions,
-    blob_mask,
-    load_reconstructor,
-    random_windows,
-    resolve_steps,
-    train_seg_net,
-)
+from training.seg_net import blob_corruptions, blob_mask, random_windows, train_seg_net  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +85,7 @@ def test_run_seg_head_trains_once_then_loads_from_its_cache(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached seg net was retrained")
 
-    monkeypatch.setattr("training.seg_head.train_seg_net", no_training)
+    monkeypatch.setattr("training.heads.seg.train_seg_net", no_training)
     second = build_score_graph(gan_run, "gan-seg")
     frames = torch.from_numpy(normal_frames(4, seed=11))
     with torch.no_grad():
@@ -155,7 +149,7 @@ def test_the_heldout_protocol_is_a_separate_choice(gan_run: Path) -> None:
 
 def test_both_trainers_default_to_the_seg_heads_own_step_count() -> None:
     from training.gan_train import GANConfig
-    from training.seg_head import STEPS
+    from training.seg_net import STEPS
     from training.vae_train import VAEConfig
 
     assert VAEConfig().seg_steps == GANConfig().seg_steps == STEPS

@@ -171,36 +171,6 @@ def score_frames(
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def calibrate_run(
-    run_dir: str | Path,
-    val_frames: npt.NDArray[np.uint8],
-    heads: list[str] | None = None,
-    target_fpr: float = 0.01,
-    batch_size: int = 64,
-) -> dict[str, Calibration]:
-    """Calibrate every head of a run (or ``heads``) on held-out normal frames and save the files.
-
-    With ``heads=None`` a head whose graph cannot be built for this run (e.g. a patch bank on a dry
-    run without data sources) is skipped with a warning; heads named explicitly must all build.
-    """
-    from training.graphs import available_heads, build_score_graph
-
-    names = available_heads(run_dir) if heads is None else list(heads)
-    if not names:
-        raise ValueError(f"no score heads available for run {run_dir}")
-    results: dict[str, Calibration] = {}
-    for head in names:
-        try:
-            graph = build_score_graph(run_dir, head)
-        except (ValueError, FileNotFoundError) as exc:
-            if heads is not None:
-                raise
-            log.warning("%s: head %s skipped, its graph cannot be built: %s", run_dir, head, exc)
-            continue
-        results[head] = calibrate_graph(run_dir, graph, head, val_frames, target_fpr, batch_size)
-    return results
-
-
 def calibrate_graph(
     run_dir: str | Path,
     graph: nn.Module,

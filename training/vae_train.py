@@ -35,9 +35,12 @@ from training.data import (
     load_labelled_frames,
     load_training_frames,
 )
+from training.heads import fit_heads, model_heads
+from training.heads.vae import load_vae
+from training.pixels import to_uint8_frames, to_unit_range
 from training.plots import plot_losses, plot_tsne, save_image_grid
-from training.seg_head import STEPS as SEG_STEPS
-from training.vae import VAE, nats_to_bits_per_dim, to_uint8_frames, to_unit_range
+from training.seg_net import STEPS as SEG_STEPS
+from training.vae import VAE, nats_to_bits_per_dim
 
 log = logging.getLogger(__name__)
 
@@ -244,22 +247,6 @@ def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], 
     return np.concatenate(frames), labels
 
 
-def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8], dry_run: bool) -> None:
-    """Calibrate every head of the run on the val normals (a dry run: only the VAE's own heads,
-    since local and combined heads read the whole training set to build their banks)."""
-    try:
-        from training.calibrate import calibrate_run
-    except ImportError:
-        log.info("training.calibrate not available: skipping calibration")
-        return
-    from training.vae_heads import VAE_HEAD_BUILDERS
-
-    try:
-        calibrate_run(run_dir, val, heads=list(VAE_HEAD_BUILDERS) if dry_run else None)
-    except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
-        log.exception("calibration of %s failed; the trained model is kept", run_dir)
-
-
 def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, vae: VAE) -> dict[str, Any]:
     return {
         "kind": "vae",
@@ -278,7 +265,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     """Train (or resume) a VAE run in ``out_dir`` and return the run directory.
 
     Writes config.json, history.jsonl, checkpoint.pt every epoch, model.pt whenever validation
-    bits/dim improve, the plots, and (if training.calibrate exists) calibration of every head.
+    bits/dim improve, the plots, and the fitted and calibrated heads (:func:`fit_heads`).
     ``resume`` continues after the last checkpointed epoch with the saved config and data; only run
     control (epochs, patience, max_minutes, device, amp, calibrate) is taken from ``cfg``.
     """
@@ -365,27 +352,11 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
 
     if not (run_dir / runs.MODEL).is_file():
         raise RuntimeError(f"no epoch finished in {run_dir}; nothing to save")
-    from training.vae_heads import load_vae
-
     best, _ = load_vae(run_dir)
     best.to(device)
     write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
-    if cfg.dry_run:
-        _check_heads(run_dir, data.val[:2])
-    if cfg.calibrate:
-        _calibrate(run_dir, data.val, cfg.dry_run)
+    # A dry run fits and calibrates only the model heads: the others read the whole data set.
+    heads = model_heads("vae") if cfg.dry_run else None
+    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir
-
-
-def _check_heads(run_dir: Path, frames: npt.NDArray[np.uint8]) -> None:
-    """Dry run: build every VAE head from the run dir and score a batch (catches export-side breakage)."""
-    from training.vae_heads import VAE_HEAD_BUILDERS
-
-    batch = torch.from_numpy(frames)
-    with torch.no_grad():
-        for name, build in VAE_HEAD_BUILDERS.items():
-            out = build(run_dir)(batch)
-            score = out[0] if isinstance(out, tuple) else out
-            if score.shape != (len(frames),) or not torch.isfinite(score).all():
-                raise RuntimeError(f"head {name} returned {tuple(score.shape)} / non-finite scores")
