@@ -27,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 
 from contract.frames import encode_png, resize_frame
-from contract.manifest import is_edge_case
 from contract.readers import Frame, ReadReport, count_frames, iter_frames
 from service.flagged import FlaggedStore, NewFlag
 from service.registry import LoadedModel
@@ -175,7 +174,6 @@ def score_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = ScoreSummary(out=out, model=model.name, version=model.version)
     report = ReadReport()
-    threshold = model.threshold
     started = time.perf_counter()
     total = count_frames(sources) if progress else None
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -187,8 +185,7 @@ def score_dataset(
             # Frames are read at full size and resized here, so flagged frames are kept as they were.
             for batch in _batches(iter_frames(sources, report=report), batch_size):
                 scores = score_batch(model, [frame.image for frame in batch])
-                p_values = model.p_values(scores)
-                flags = is_edge_case(scores, threshold)
+                p_values, flags = model.manifest.verdicts(scores)
                 rows.write(
                     {
                         "key": [frame.key for frame in batch],

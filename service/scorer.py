@@ -21,7 +21,6 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from contract.frames import encode_png
-from contract.manifest import is_edge_case
 from service.batcher import BatcherClosedError
 from service.decoding import Payload, decode_frames, to_batch
 from service.errors import InferenceError, NotReadyError, StoreError
@@ -110,9 +109,8 @@ async def score_payloads(
     bad = [payloads[i].key for i in np.flatnonzero(~np.isfinite(scores))]
     if bad:
         raise InferenceError(f"model {model.name}/{model.version} returned a non-finite score for {bad}")
-    p_values = model.p_values(scores)
+    p_values, edge = model.manifest.verdicts(scores)
     threshold = model.threshold
-    edge = is_edge_case(scores, threshold)
     flagged = await _flag(store, model, payloads, frames, scores, p_values, edge, options.source)
     maps = outputs.get("anomaly_map") if options.maps else None
     encoded = await asyncio.to_thread(lambda: [encode_map(m) for m in maps]) if maps is not None else None

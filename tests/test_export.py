@@ -21,7 +21,8 @@ from training_helpers import write_tiny_synth
 from contract.manifest import ModelInfo, TrainingInfo, load_manifest
 from service.registry import ModelRegistry
 from training.calibrate import calibrate_scores
-from training.export import export_graph, export_run, perturbed_frames, publish, recalibrate
+from training.export import export_graph, export_run, publish, recalibrate
+from training.export_frames import perturbed_frames
 from training.onnx_graph import (
     MIN_PARITY_EPS,
     ExportError,

@@ -16,8 +16,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from contract.manifest import Manifest, file_entry, quantiles_of
+from contract.repository import list_versions
 from service import registry as registry_module
-from service.registry import ModelLoadError, ModelRegistry, default_providers, list_versions
+from service.registry import ModelLoadError, ModelRegistry, default_providers
 
 SIZE = 8
 

@@ -49,6 +49,7 @@ from contract.manifest import (
     thin_scores,
     utc_now,
 )
+from contract.repository import next_version
 from training.export_frames import (
     N_PARITY_FRAMES,
     edge_case_frames,
@@ -82,16 +83,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGET_FPR = 0.01
 
 # ---- the repository ------------------------------------------------------------------------------
-
-
-def next_version(model_dir: Path) -> int:
-    """One more than the highest integer folder (temp dot-folders do not count)."""
-    taken = (
-        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        if model_dir.is_dir()
-        else []
-    )
-    return max(taken, default=0) + 1
 
 
 def make_temp_dir(model_dir: Path) -> Path:
