@@ -6,7 +6,6 @@ training/protocol.py).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,10 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
+from training_helpers import assert_parity  # noqa: E402
 
 from training.heads import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
 from training.heads.seg import SegGraph, load_reconstructor, resolve_steps  # noqa: E402
-from training.onnx_graph import export_onnx  # noqa: E402
 from training.protocol import heldout_anomalies, pseudo_auroc  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
 from training.seg_net import blob_corruptions, blob_mask, random_windows, train_seg_net  # noqa: E402
@@ -94,16 +93,8 @@ def test_run_seg_head_trains_once_then_loads_from_its_cache(
 
 def test_seg_head_exports_and_matches_onnxruntime(gan_run: Path, tmp_path: Path) -> None:
     graph = build_score_graph(gan_run, "gan-seg")
-    frames = normal_frames(5, seed=12)
-    with torch.no_grad():
-        ref_score, ref_map = graph(torch.from_numpy(frames))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warning
-        export_onnx(graph, tmp_path / "seg.onnx", size=32)
-    session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
-    score, amap = session.run(None, {"frames": frames})
-    np.testing.assert_allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-4)
+    names = assert_parity(graph, normal_frames(5, seed=12), tmp_path / "seg.onnx")
+    assert names == ["score", "anomaly_map"]
 
 
 def test_a_run_trained_without_a_seg_head_says_so_and_its_combo_does_without(
