@@ -48,7 +48,7 @@ class GANConfig:
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the VAE
     latent_dim: int = 100
     width: int = 32
-    stabiliser: str = "r1"  # measured best (see the module docstring)
+    stabiliser: str = "r1"  # measured best (docs/benchmarks.md, "GAN stabilisers")
     r1_gamma: float = 0.1  # 10 (the StyleGAN default at 1024 px) stalls learning at 32-64 px
     r1_every: int = 4
     label_smoothing: float = 0.1

@@ -1,15 +1,12 @@
 """Training loop of the VAE: Adam on the negative ELBO, early stopping on validation bits/dim.
 
 Read top to bottom: config -> data -> network -> epochs (train, validate, checkpoint, keep the best)
--> plots -> calibration. The run directory layout is in training/runs.py.
+-> plots -> the heads (``fit_heads``). The run directory layout is in training/runs.py.
 
 Defaults fit the issue's budget, 8,000 frames of 64x64 in at most 10 minutes on 2 CPU cores:
-width 32, latent 64, batch 64 take 14-17 s an epoch with validation on a quiet machine (the default
-run: 21 epochs, val 5.32 bits/dim, in 10 min 20 s including data, plots and the calibration of all
-six VAE heads while another job shared the CPU), and ``max_minutes`` = 7 stops the loop cleanly
-(after the batch in progress; a cut epoch is validated, saved and marked partial in the history)
-so loading, plots and calibration fit in the rest. On a busy shared CPU an epoch can take twenty
-times longer; the budget still holds for the loop, and the model is then less trained.
+``max_minutes`` = 7 stops the loop cleanly (after the batch in progress; a cut epoch is validated,
+saved and marked partial in the history) so loading, plots and fitting the heads fit in the rest
+(timings: docs/benchmarks.md, "VAE training budget").
 """
 
 from __future__ import annotations
