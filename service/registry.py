@@ -98,9 +98,6 @@ class LoadedModel:
         values = self.session.run(names, {self.manifest.input.name: np.ascontiguousarray(frames)})
         return dict(zip(names, values, strict=True))
 
-    def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        return self.manifest.p_values(scores)
-
 
 def make_session(
     path: Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0

@@ -79,7 +79,9 @@ def test_every_readable_frame_gets_a_row_and_bad_frames_are_counted(
         row = rows[key]
         assert float(row["score"]) == pytest.approx(value / 255, abs=1e-6)
         assert (row["is_edge_case"] == "True") == (value / 255 > 0.5)
-        assert float(row["p_value"]) == pytest.approx(float(model.p_values([float(row["score"])])[0]))
+        assert float(row["p_value"]) == pytest.approx(
+            float(model.manifest.p_values([float(row["score"])])[0])
+        )
     assert rows["test/x/x_000001"]["source"].endswith("test-00000.tar")
     assert (summary.frames, summary.edge_cases, summary.failed) == (7, 4, 1)
     ((source, key, reason),) = summary.errors

@@ -122,7 +122,7 @@ def test_load_serves_the_highest_version_and_scores_a_batch(tmp_path: Path) -> N
     np.testing.assert_allclose(out["score"], [200.0] * 3)
     assert out["anomaly_map"].shape == (3, SIZE, SIZE)
     assert model.threshold == pytest.approx(252.45)
-    np.testing.assert_allclose(model.p_values([255.0, -1.0]), [2 / 102, 1.0])
+    np.testing.assert_allclose(model.manifest.p_values([255.0, -1.0]), [2 / 102, 1.0])
 
 
 def test_score_refuses_wrong_dtype_or_shape(tmp_path: Path) -> None:
