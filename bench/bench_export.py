@@ -170,7 +170,7 @@ def bench_variants(
 ) -> list[dict[str, Any]]:
     """fp32 vs fp16 vs int8 in onnxruntime CPU: frames/s at `batch` and AUROC on labelled frames."""
     from training.data import load_labelled_frames
-    from training.export import auroc
+    from training.export_frames import auroc
     from training.onnx_graph import rel_diff, run_ort
     from training.variants import count_ops
 

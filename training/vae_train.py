@@ -28,16 +28,14 @@ from training import runs
 from training.data import (
     TrainingData,
     fingerprint_frames,
-    is_labelled_folder,
-    load_labelled_frames,
     load_training_frames,
 )
 from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
-from training.pixels import to_uint8_frames, to_unit_range
-from training.plots import plot_losses, plot_tsne, save_image_grid
+from training.pixels import to_unit_range
 from training.seg_net import STEPS as SEG_STEPS
 from training.vae import VAE, nats_to_bits_per_dim
+from training.vae_plots import write_plots
 
 log = logging.getLogger(__name__)
 
@@ -187,61 +185,6 @@ def _train_epoch(
     if partial:
         record["partial_epoch_frames"] = seen
     return record
-
-
-@torch.no_grad()
-def write_plots(
-    vae: VAE,
-    run_dir: Path,
-    data: TrainingData,
-    device: torch.device,
-    history: list[dict[str, Any]],
-    *,
-    tsne: bool,
-    seed: int = 0,
-) -> None:
-    """loss.png every epoch; reconstructions and samples; t-SNE of val latents at the end."""
-    plots = run_dir / runs.PLOTS
-    plot_losses(history, plots / "loss.png")
-    vae.eval()
-    originals = data.val[:8]
-    x = to_unit_range(torch.from_numpy(originals).to(device))
-    recon = to_uint8_frames(vae.decode(vae.encode(x)[0])).cpu().numpy()
-    save_image_grid(
-        np.concatenate([originals, recon]), plots / "reconstructions.png", nrow=len(originals), scale=2
-    )
-    samples = to_uint8_frames(vae.sample(32, torch.Generator().manual_seed(seed))).cpu().numpy()
-    save_image_grid(samples, plots / "samples.png", nrow=8, scale=2)
-    if tsne:
-        frames, labels = _tsne_frames(data, seed)
-        latents = torch.cat(
-            [
-                vae.encode(to_unit_range(torch.from_numpy(frames[i : i + 256]).to(device)))[0].float().cpu()
-                for i in range(0, len(frames), 256)
-            ]
-        )
-        plot_tsne(latents.numpy(), labels, plots / "tsne.png", seed=seed, title="t-SNE of posterior means")
-
-
-def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], list[str]]:
-    """Val normals (up to 600) plus, from a labelled source, up to 40 test frames per family
-    (about 1,000 points: t-SNE stays within seconds)."""
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(data.val), min(600, len(data.val)), replace=False))
-    frames = [data.val[keep]]
-    labels = [data.labels[i] for i in keep] if data.labels is not None else ["val"] * len(keep)
-    for source in data.sources:
-        if not is_labelled_folder(source):
-            continue
-        try:
-            test, families, _, _ = load_labelled_frames(source, data.val.shape[1], max_per_family=40)
-        except ValueError as exc:
-            log.info("t-SNE without test frames of %s: %s", source, exc)
-            continue
-        anomalous = np.array([f != "normal" for f in families])
-        frames.append(test[anomalous])
-        labels += [f for f in families if f != "normal"]
-    return np.concatenate(frames), labels
 
 
 def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, vae: VAE) -> dict[str, Any]:
