@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from training.heads.base import HeadNotFitted, HeadSpec, HeadUnavailable
 from training.heads.combo import COMBO_HEADS
@@ -29,6 +30,8 @@ from training.heads.vae import VAE_HEADS
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from training.calibrate import Calibration
 
 __all__ = [
     "HEADS",
@@ -169,8 +172,6 @@ def fit_heads(
     logged and the trained model kept (``evaluate`` and ``export`` fit and calibrate what is
     missing).
     """
-    import torch
-
     run_dir = Path(run_dir)
     if check:
         batch = torch.from_numpy(np.ascontiguousarray(normals[:2]))
@@ -186,7 +187,3 @@ def fit_heads(
         calibrate_heads(run_dir, normals, heads)
     except Exception:  # the run is saved; heads are fitted and calibrated again on demand
         log.exception("fitting or calibrating the heads of %s failed; the trained model is kept", run_dir)
-
-
-if TYPE_CHECKING:
-    from training.calibrate import Calibration
