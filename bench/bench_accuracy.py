@@ -74,8 +74,8 @@ def scored_variant(name: str, graph: Any, run_dir: Path, frames: np.ndarray, fam
     """A graph that is not a registered head (an ablation), scored like one: calibrated on the run's
     validation normals, evaluated per family, with its protocol AUROC on both corruption sets."""
     from training.calibrate import calibrate_scores
-    from training.combo_heads import pseudo_auroc
     from training.evaluate import ScorerResult, evaluate_scores, score_with_maps
+    from training.protocol import pseudo_auroc
     from training.runs import run_normals
 
     val = run_normals(run_dir, "val")
@@ -90,7 +90,7 @@ def scored_variant(name: str, graph: Any, run_dir: Path, frames: np.ndarray, fam
 
 def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list[str], variant: str) -> Any:
     """The patch head built with one ablation setting, calibrated like the others; a ScorerResult."""
-    from training.local_heads import build_patch_graph
+    from training.heads.patch import build_patch_graph
 
     graph = build_patch_graph(run_dir, kind, **ABLATIONS[variant])
     return scored_variant(f"{kind}-patch ({variant})", graph, run_dir, frames, families)
@@ -98,23 +98,24 @@ def ablation_scores(run_dir: Path, kind: str, frames: np.ndarray, families: list
 
 def combo_without_seg(run_dir: Path, kind: str, frames: np.ndarray, families: list[str]) -> Any:
     """The combined head without its seg component (does the DRAEM-style head earn its place?)."""
-    from training.combo_heads import DEFAULT_COMPONENTS, build_combo_graph
+    from training.heads.combo import DEFAULT_COMPONENTS, fit_combo_head, load_combo_graph
 
     components = tuple(c for c in DEFAULT_COMPONENTS[kind] if c != f"{kind}-seg")
-    graph = build_combo_graph(run_dir, kind, components)
+    fit_combo_head(run_dir, kind, components)
+    graph = load_combo_graph(run_dir, kind, components)
     return scored_variant(f"{kind}-combo (without seg)", graph, run_dir, frames, families)
 
 
 def ensemble_without_selection(run_dir: Path, frames: np.ndarray, families: list[str]) -> Any:
     """The ensemble's head over all nine candidates (what the component selection buys)."""
-    from training.combo_heads import DEFAULT_COMPONENTS, component_graphs, fit_combo
     from training.ensemble import member_runs
+    from training.heads.combo import DEFAULT_COMPONENTS, component_graphs, fitted_combo
     from training.runs import load_config
 
     name = "ensemble-combo (all candidates)"
     sources = [(m, h) for m in member_runs(run_dir) for h in DEFAULT_COMPONENTS[load_config(m)["kind"]]]
-    names, graphs = component_graphs(sources)
-    graph = fit_combo(names, graphs, run_dir, run_dir / "banks" / "ensemble-combo-all.json", label=name)
+    names, graphs = component_graphs(sources, fit=True)
+    graph = fitted_combo(names, graphs, run_dir, run_dir / "banks" / "ensemble-combo-all.json", label=name)
     return scored_variant(name, graph, run_dir, frames, families)
 
 
@@ -124,8 +125,8 @@ def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any], ensemble: 
     The seg net trains on blob-shaped pastes, close kin of the ``patches`` set; ``heldout`` (light
     changes, scars, global changes) is what no head trained on, so it decides whether seg joins a combo.
     """
-    from training.combo_heads import pseudo_auroc
-    from training.graphs import build_score_graph
+    from training.heads import build_score_graph
+    from training.protocol import pseudo_auroc
     from training.runs import run_normals
 
     lines = ["| head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]
@@ -153,8 +154,8 @@ def seg_protocol_table(run_dirs: dict[str, Path], results: list[Any], ensemble: 
 
 def protocol_table(run_dirs: dict[str, Path], results: list[Any]) -> list[str]:
     """Markdown lines: protocol AUROC of each patch head and its ablations (how settings are chosen)."""
-    from training.combo_heads import pseudo_auroc
-    from training.graphs import build_score_graph
+    from training.heads import build_score_graph
+    from training.protocol import pseudo_auroc
     from training.runs import run_normals
 
     lines = ["| patch head | protocol AUROC, patches | protocol AUROC, held-out |", "|---|---:|---:|"]

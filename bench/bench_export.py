@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.registry import make_session
-from training.graphs import available_heads, build_score_graph, run_kind
+from training.heads import available_heads, build_score_graph, run_kind
 from training.onnx_graph import export_onnx
 from training.variants import make_variant
 
@@ -170,7 +170,7 @@ def bench_variants(
 ) -> list[dict[str, Any]]:
     """fp32 vs fp16 vs int8 in onnxruntime CPU: frames/s at `batch` and AUROC on labelled frames."""
     from training.data import load_labelled_frames
-    from training.export import auroc
+    from training.export_frames import auroc
     from training.onnx_graph import rel_diff, run_ort
     from training.variants import count_ops
 

@@ -179,20 +179,13 @@ class Manifest(_Strict):
         return [o.name for o in self.outputs]
 
     def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Conformal p-values (1 + #{c_i >= s}) / (n + 1) against the held-out normal scores.
+        """Conformal p-values of ``scores`` against the stored calibration scores."""
+        return conformal_p_values(scores, self.calibration.scores, self.calibration.n)
 
-        A small p-value means few normal frames scored as high. With thinned scores (n larger than what
-        is stored) the count is scaled by n / stored, which is exact at the stored order statistics.
-        """
-        s = np.asarray(scores, dtype=np.float64)
-        if s.size and not np.all(np.isfinite(s)):
-            raise ValueError("scores must be finite to have a p-value")
-        cal = np.asarray(self.calibration.scores, dtype=np.float64)
-        # side="left": the index of the first c >= s, so everything from there on counts.
-        n_ge = cal.size - np.searchsorted(cal, s, side="left")
-        n = self.calibration.n
-        count = n_ge if self.calibration.exact else n_ge * (n / cal.size)
-        return np.asarray((1.0 + count) / (n + 1.0), dtype=np.float64)
+    def verdicts(self, scores: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """(p-values, edge-case flags) of scores: the one step from a score to a verdict, so the service,
+        batch scoring and evaluation all flag by :func:`is_edge_case` at this manifest's threshold."""
+        return self.p_values(scores), is_edge_case(scores, self.threshold.value)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -212,6 +205,36 @@ def is_edge_case(scores: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool
     return np.asarray(scores) > threshold
 
 
+def conformal_p_values(
+    scores: npt.ArrayLike, calibration_scores: npt.ArrayLike, n: int | None = None
+) -> npt.NDArray[np.float64]:
+    """Conformal p-values ``(1 + #{c_i >= s}) / (n + 1)`` of each score (Vovk et al. 2005; Bates et al.
+    2023, "Testing for outliers with conformal p-values"), the one definition.
+
+    A frame exchangeable with the calibration normals gets a valid p-value, so "p = 0.003" reads as
+    "more unusual than 99.7% of normal frames". ``n`` is the number of normals scored when fewer were
+    stored (:func:`thin_scores`): the count is then scaled by n / stored, which is exact at the stored
+    order statistics. Scores and calibration scores must be finite.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size and not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite to have a p-value")
+    cal = np.sort(np.asarray(calibration_scores, dtype=np.float64).ravel())
+    if cal.size == 0:
+        raise ValueError("p-values need at least one calibration score")
+    if not np.all(np.isfinite(cal)):
+        raise ValueError(
+            f"calibration scores must be finite, got {int((~np.isfinite(cal)).sum())} non-finite"
+        )
+    total = cal.size if n is None else n
+    if total < cal.size:
+        raise ValueError(f"{cal.size} stored calibration scores but n={total}")
+    # side="left": the index of the first c >= s, so everything from there on counts.
+    n_ge = cal.size - np.searchsorted(cal, s, side="left")
+    count = n_ge if total == cal.size else n_ge * (total / cal.size)
+    return np.asarray((1.0 + count) / (total + 1.0), dtype=np.float64)
+
+
 def thin_scores(scores: npt.ArrayLike, max_stored: int = MAX_STORED_SCORES) -> list[float]:
     """Sorted scores, thinned to at most `max_stored` evenly spaced order statistics (min and max kept)."""
     s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
@@ -223,9 +246,14 @@ def thin_scores(scores: npt.ArrayLike, max_stored: int = MAX_STORED_SCORES) -> l
 
 
 def quantiles_of(scores: npt.ArrayLike, levels: tuple[float, ...] = QUANTILE_LEVELS) -> dict[str, float]:
-    """Named quantiles for humans and dashboards ('0.99' -> score); p-values use the stored scores."""
+    """Named quantiles for humans and dashboards ('0.99' -> score); p-values use the stored scores.
+
+    Inverted-CDF quantiles (numpy ``method="inverted_cdf"``), as models/README.md promises: each is
+    a calibration score itself, the smallest ``t`` with ``#{c_i <= t} >= q * n``, the rule the
+    threshold follows too (training/calibrate.py).
+    """
     s = np.asarray(scores, dtype=np.float64)
-    return {f"{q:g}": float(np.quantile(s, q)) for q in levels}
+    return {f"{q:g}": float(np.quantile(s, q, method="inverted_cdf")) for q in levels}
 
 
 def file_entry(path: Path) -> FileEntry:

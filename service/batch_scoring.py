@@ -30,7 +30,6 @@ import numpy as np
 import numpy.typing as npt
 
 from contract.frames import probe_frame
-from contract.manifest import is_edge_case
 from contract.readers import Record
 from contract.shards import DEFAULT_CHUNK_SIZE, Shard
 from contract.storage import RemotePath, make_dirs
@@ -194,8 +193,7 @@ def rows_of_batch(
     """One batch's rows in record order: scores for decoded frames, the reason for the others."""
     ok = [i for i, image in enumerate(images) if image is not None]
     scores = score_images(model, [images[i] for i in ok])  # type: ignore[misc]
-    p_values = model.p_values(scores) if len(scores) else scores
-    flags = is_edge_case(scores, model.threshold)
+    p_values, flags = model.manifest.verdicts(scores)
     rows = ShardRows.empty()
     position = {i: j for j, i in enumerate(ok)}
     for i, record in enumerate(records):

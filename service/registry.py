@@ -28,6 +28,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError, file_entry, load_manifest
+from contract.repository import list_versions, version_of
+from contract.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +59,6 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
         log.warning("execution providers %s are not in this onnxruntime build; skipping them", missing)
     chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
     return [*chosen, "CPUExecutionProvider"]
-
-
-# Graph rewrites that measured slower (bench/bench_export.py, docs/benchmarks.md): MatMulScaleFusion folds
-# the patch heads' `-2 * bmm(f, bank)` into one FusedMatMul that took twice as long as MatMul + Mul at
-# batch 1 (1.40 -> 0.77 ms for gan-patch, 2.08 -> 0.91 ms for vae-patch, identical outputs).
-DISABLED_OPTIMIZERS = ("MatMulScaleFusion",)
-
-
-def make_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """Full graph optimisation (constant folding, Conv+BN/activation fusion); 0 threads = one per core."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads
-    # Idle intra-op threads must not spin: in the service they would burn the cores that the event
-    # loop needs for HTTP and decoding (measured by bench/bench_service.py on 2 cores).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
 
 
 @dataclass(frozen=True)
@@ -115,29 +99,12 @@ class LoadedModel:
         values = self.session.run(names, {self.manifest.input.name: np.ascontiguousarray(frames)})
         return dict(zip(names, values, strict=True))
 
-    def p_values(self, scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        return self.manifest.p_values(scores)
-
 
 def make_session(
     path: Path, providers: Sequence[str] | None = None, intra_op_threads: int = 0
 ) -> ort.InferenceSession:
-    """The session the service runs: full optimisation minus DISABLED_OPTIMIZERS, CUDA first if present."""
-    return ort.InferenceSession(
-        str(path),
-        sess_options=make_session_options(intra_op_threads),
-        providers=resolve_providers(providers),
-        disabled_optimizers=list(DISABLED_OPTIMIZERS),
-    )
-
-
-def list_versions(model_dir: Path) -> list[int]:
-    """Published versions of a model, ascending; dot-folders (exports in progress) and other names skipped."""
-    versions = []
-    for child in model_dir.iterdir() if model_dir.is_dir() else ():
-        if child.is_dir() and not child.name.startswith(".") and child.name.isdigit() and int(child.name) > 0:
-            versions.append(int(child.name))
-    return sorted(versions)
+    """The session the service runs (contract.sessions.open_session), CUDA first if present."""
+    return open_session(path, resolve_providers(providers), intra_op_threads)
 
 
 def load_version(
@@ -153,7 +120,8 @@ def load_version(
         manifest = load_manifest(manifest_path)
     except ManifestError as exc:
         raise ModelLoadError(str(exc)) from exc
-    if path.name.isdigit() and (manifest.version != int(path.name) or manifest.name != path.parent.name):
+    named = version_of(path)
+    if named is not None and (manifest.version != named or manifest.name != path.parent.name):
         raise ModelLoadError(
             f"{manifest_path}: manifest says {manifest.name}/{manifest.version} but the folder is "
             f"{path.parent.name}/{path.name}"

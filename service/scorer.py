@@ -27,7 +27,6 @@ import numpy.typing as npt
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from contract.manifest import is_edge_case
 from service.batcher import Outputs
 from service.decoding import (
     INLINE_DECODE_PIXELS,
@@ -118,9 +117,8 @@ async def score_payloads(
     bad = [payloads[i].key for i in np.flatnonzero(~np.isfinite(scores))]
     if bad:
         raise InferenceError(f"model {model.name}/{model.version} returned a non-finite score for {bad}")
-    p_values = model.p_values(scores)
+    p_values, edge = model.manifest.verdicts(scores)
     threshold = model.threshold
-    edge = is_edge_case(scores, threshold)
     flagged = await _flag(store, model, payloads, scores, p_values, edge, options.source)
     maps = outputs.get("anomaly_map") if options.maps else None
     encoded = await asyncio.to_thread(lambda: [encode_map(m) for m in maps]) if maps is not None else None

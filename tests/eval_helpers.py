@@ -71,7 +71,7 @@ def write_tiny_gan_run(run_dir: Path, data: Path, size: int = 32) -> Path:
     import torch
 
     from training.dcgan import DCGAN
-    from training.gan_heads import compute_dfeat_bank, save_dfeat_bank
+    from training.heads.gan import compute_dfeat_bank, save_dfeat_bank
     from training.runs import save_config, save_model
 
     torch.manual_seed(0)

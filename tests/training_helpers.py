@@ -1,4 +1,4 @@
-"""Tiny labelled data sets for the training tests, written with the contract writers (no torch).
+"""Tiny labelled data sets for the training tests (contract writers, no torch), and the parity check.
 
 ``write_tiny_synth`` lays a folder out as ``edgecase synth`` does (keys ``<split>/<family>/<family>_n``,
 labels.csv, synth.json), with crude procedural road frames: sky over road with a lane marking, and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -74,3 +75,45 @@ def write_plain_folder(out: Path, n: int, *, size: int = 32, seed: int = 0) -> P
         for i in range(n):
             writer.write(f"cam/{i:04d}", road_frame(rng, size), {})
     return out
+
+
+def assert_parity(
+    graph: Any, frames: npt.NDArray[np.uint8], path: Path, batches: tuple[int, ...] = (5,)
+) -> list[str]:
+    """Export ``graph`` once (the exporter ``edgecase export`` uses), run it in onnxruntime at each
+    batch size, and hold it to the export's own parity rule (training/onnx_graph.py): scores within
+    ``PARITY_TOLERANCE`` relative difference (eps: the median |score|), maps within the tolerance of
+    their largest value. Returns the graph's output names.
+    """
+    import warnings
+
+    import torch
+
+    from training.onnx_graph import (
+        MIN_PARITY_EPS,
+        PARITY_TOLERANCE,
+        export_onnx,
+        ort_session,
+        parity_eps,
+        rel_diff,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warnings
+        names, _ = export_onnx(graph, path, size=frames.shape[1])
+    session = ort_session(path)
+    for batch in batches:
+        chunk = np.ascontiguousarray(frames[:batch])
+        with torch.no_grad():
+            out = graph(torch.from_numpy(chunk))
+        want = [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+        got = session.run(names, {"frames": chunk})
+        assert len(got) == len(want) == len(names)
+        for name, g, w in zip(names, got, want, strict=True):
+            assert g.shape == w.shape, (name, batch)
+            if name == "score":
+                worst = float(rel_diff(w, g, parity_eps(w)).max())
+            else:
+                worst = float(np.abs(g - w).max()) / max(float(np.abs(w).max()), MIN_PARITY_EPS)
+            assert worst <= PARITY_TOLERANCE, f"{name} at batch {batch}: {worst:.3g} > {PARITY_TOLERANCE:g}"
+    return list(names)

@@ -1,10 +1,8 @@
-"""Calibration of a score head on held-out normal frames: a threshold at a target false-positive
-rate and conformal p-values.
+"""Calibration of a score head on held-out normal frames: a threshold at a target false-positive rate.
 
-Only normal frames are needed. The p-value of a score ``s`` given calibration scores ``c_1..c_n`` is
-the conformal one, ``(1 + #{c_i >= s}) / (n + 1)`` (Vovk et al. 2005; Bates et al. 2023, "Testing
-for outliers with conformal p-values"): if the frame is exchangeable with the calibration normals it
-is a valid p-value, so "p = 0.003" reads as "more unusual than 99.7% of normal frames".
+Only normal frames are needed. The calibration scores are kept, so a p-value can be computed for any
+score later: the conformal one, ``contract.manifest.conformal_p_values`` (the one definition, which
+the service uses too). The quantiles stored beside the threshold are ``contract.manifest.quantiles_of``.
 
 Threshold rule: the threshold is the empirical ``1 - target_fpr`` quantile with the *inverted CDF*
 definition (numpy ``method="inverted_cdf"``): the smallest calibration score ``t`` with
@@ -30,13 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from contract.manifest import quantiles_of
+
 if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
-
-# Quantiles stored beside the threshold, for the manifest and for humans reading the file.
-QUANTILE_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ def calibrate_scores(scores: npt.ArrayLike, target_fpr: float = 0.01, head: str 
     # The epsilon keeps e.g. (1 - 0.01) * 100 = 99.00000000000001 from rounding up to k = 100.
     k = max(1, math.ceil((1.0 - target_fpr) * n - 1e-9))
     threshold = float(values[k - 1])
-    quantiles = {str(q): float(np.quantile(values, q, method="inverted_cdf")) for q in QUANTILE_LEVELS}
+    quantiles = quantiles_of(values)
     return Calibration(
         threshold=threshold,
         quantiles=quantiles,
@@ -113,14 +110,6 @@ def calibrate_scores(scores: npt.ArrayLike, target_fpr: float = 0.01, head: str 
         target_fpr=float(target_fpr),
         head=head,
     )
-
-
-def p_value(score: npt.ArrayLike, calibration_scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Conformal p-value ``(1 + #{c_i >= s}) / (n + 1)`` for each score (vectorised)."""
-    reference = np.sort(_check_scores(calibration_scores))
-    s = np.asarray(score, dtype=np.float64)
-    at_least = reference.size - np.searchsorted(reference, s, side="left")
-    return (1.0 + at_least) / (reference.size + 1.0)
 
 
 def save_calibration(run_dir: str | Path, calibration: Calibration) -> Path:
@@ -169,36 +158,6 @@ def score_frames(
             score = result[0] if isinstance(result, tuple | list) else result
             out.append(score.detach().double().cpu().numpy().reshape(-1))
     return np.concatenate(out) if out else np.zeros(0)
-
-
-def calibrate_run(
-    run_dir: str | Path,
-    val_frames: npt.NDArray[np.uint8],
-    heads: list[str] | None = None,
-    target_fpr: float = 0.01,
-    batch_size: int = 64,
-) -> dict[str, Calibration]:
-    """Calibrate every head of a run (or ``heads``) on held-out normal frames and save the files.
-
-    With ``heads=None`` a head whose graph cannot be built for this run (e.g. a patch bank on a dry
-    run without data sources) is skipped with a warning; heads named explicitly must all build.
-    """
-    from training.graphs import available_heads, build_score_graph
-
-    names = available_heads(run_dir) if heads is None else list(heads)
-    if not names:
-        raise ValueError(f"no score heads available for run {run_dir}")
-    results: dict[str, Calibration] = {}
-    for head in names:
-        try:
-            graph = build_score_graph(run_dir, head)
-        except (ValueError, FileNotFoundError) as exc:
-            if heads is not None:
-                raise
-            log.warning("%s: head %s skipped, its graph cannot be built: %s", run_dir, head, exc)
-            continue
-        results[head] = calibrate_graph(run_dir, graph, head, val_frames, target_fpr, batch_size)
-    return results
 
 
 def calibrate_graph(

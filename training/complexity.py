@@ -107,8 +107,3 @@ class ComplexityCoder(nn.Module):
         bits = torch.where(first, torch.full_like(bits, 8.0), bits)
         bits_map = bits.sum(dim=1)
         return bits.flatten(1).mean(dim=1), bits_map
-
-
-def compressed_bits_per_dim(frames: torch.Tensor) -> torch.Tensor:
-    """Convenience: L(x) in bits/dim [N] for square uint8 NHWC frames."""
-    return ComplexityCoder(frames.shape[1]).to(frames.device)(frames)[0]

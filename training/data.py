@@ -58,11 +58,6 @@ def is_labelled_folder(source: str | Path) -> bool:
     return path.is_dir() and (path / "labels.csv").is_file()
 
 
-def is_synth_folder(source: str | Path) -> bool:
-    """A folder written by ``edgecase synth`` (``labels.csv`` and ``synth.json``)."""
-    return is_labelled_folder(source) and (Path(source) / "synth.json").is_file()
-
-
 def _read(
     source: str | Path, size: int, keys: Sequence[str] | None, limit: int | None, desc: str
 ) -> tuple[list[str], list[Frames]]:

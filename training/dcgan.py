@@ -163,11 +163,6 @@ def fold_spectral_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def to_model_input(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC frames -> float NCHW in [-1, 1] (the one scaling rule, paired with Tanh)."""
-    return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(module: nn.Module, batches: list[torch.Tensor]) -> None:
     """Reset and re-estimate batch-norm running statistics as exact averages over ``batches``.

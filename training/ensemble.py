@@ -1,14 +1,6 @@
-"""Ensemble runs: one score head over a VAE run and a GAN run trained on the same frames.
+"""Ensemble runs: a run directory over a VAE run and a GAN run trained on the same frames.
 
-The two families of generative model fail on different edge cases (docs/benchmarks.md, "##
-Accuracy"): the GAN's discriminator-feature heads see the global changes (fog, rain, glare) that
-the VAE's likelihood is fooled by (Nalisnick et al. 2019), while the VAE's reconstruction-based seg
-head and its patch head see small objects and work zones. The ``ensemble-combo`` head takes the
-components of both runs' ``<kind>-combo`` heads as candidates, standardises them on the shared
-validation normals and keeps those the validation protocol selects, combined by the rule it picks
-(training/combo_heads.py, ``select_components``): nine candidates include near-duplicates (two
-likelihoods, two patch heads), and a plain combination of all of them dilutes the few heads that
-see a small object.
+Its one head, ``ensemble-combo``, is training/heads/ensemble.py.
 
 An ensemble is a run directory of its own, so ``evaluate``, ``export`` and ``serve`` treat it like
 any run::
@@ -24,13 +16,10 @@ frames that neither member trained on.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-log = logging.getLogger(__name__)
+from training.runs import load_config, save_config
 
 KIND = "ensemble"
 HEAD = "ensemble-combo"
@@ -42,8 +31,6 @@ COPIED_FIELDS = ("data", "n_train", "n_val")
 
 def create_ensemble(members: list[str | Path], out: str | Path) -> Path:
     """Write the ensemble run ``out`` over ``members`` (one VAE run, one GAN run); its config.json."""
-    from training.runs import load_config, save_config
-
     if len(members) != len(MEMBER_KINDS):
         raise ValueError(
             f"an ensemble needs {len(MEMBER_KINDS)} runs, one VAE and one GAN; got {len(members)}"
@@ -87,8 +74,6 @@ def create_ensemble(members: list[str | Path], out: str | Path) -> Path:
 
 def member_runs(run_dir: str | Path) -> list[Path]:
     """The member run directories of an ensemble, each checked to still be a run."""
-    from training.runs import load_config
-
     config = load_config(run_dir)
     if config.get("kind") != KIND:
         raise ValueError(f"{run_dir} is a {config.get('kind')!r} run, not an ensemble")
@@ -97,19 +82,3 @@ def member_runs(run_dir: str | Path) -> list[Path]:
         if not (member / "config.json").is_file():
             raise FileNotFoundError(f"{run_dir}: member run {member} is gone (no config.json there)")
     return members
-
-
-def build_ensemble_graph(run_dir: str | Path) -> nn.Module:
-    """The ``ensemble-combo`` graph: every member's combo components, one rule (cached statistics)."""
-    from training.combo_heads import DEFAULT_COMPONENTS, component_graphs, fit_combo
-    from training.runs import load_config
-
-    run_dir = Path(run_dir)
-    sources = []
-    for member in member_runs(run_dir):
-        kind = str(load_config(member)["kind"])
-        sources += [(member, head) for head in DEFAULT_COMPONENTS[kind]]
-    names, graphs = component_graphs(sources)
-    if not names:
-        raise ValueError(f"{run_dir}: no member head could be built for {HEAD}")
-    return fit_combo(names, graphs, run_dir, run_dir / "banks" / f"{HEAD}.json", label=HEAD, select=True)

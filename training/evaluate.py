@@ -147,7 +147,7 @@ def evaluate_run(
     from training.baselines import fit_baselines
     from training.calibrate import calibrate_graph, graph_fingerprint, load_calibration
     from training.data import load_labelled_frames
-    from training.graphs import available_heads, build_score_graph
+    from training.heads import available_heads, build_score_graph
     from training.runs import load_config, run_normals
 
     config = load_config(run_dir)

@@ -22,7 +22,6 @@ module chooses the frames, calibrates and publishes.
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
 import os
 import shutil
@@ -33,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from contract.manifest import (
     MANIFEST_FILE,
@@ -50,6 +48,15 @@ from contract.manifest import (
     load_manifest,
     thin_scores,
     utc_now,
+)
+from contract.repository import next_version
+from training.export_frames import (
+    N_PARITY_FRAMES,
+    edge_case_frames,
+    evaluation_summary,
+    held_out_normals,
+    read_normal_frames,
+    run_data_sources,
 )
 from training.onnx_graph import (
     OPSET,
@@ -74,125 +81,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_FPR = 0.01
-N_PARITY_FRAMES = 37  # per kind (normal, edge case): one full batch of 37 each
-
-# ---- frames --------------------------------------------------------------------------------------
-
-
-def read_normal_frames(source: str | Path, size: int, limit: int | None = None) -> Frames:
-    """Frames of a folder/shard/Parquet of held-out normals; frames labelled as another family are skipped."""
-    from contract.readers import ReadReport, count_frames, iter_frames
-
-    report = ReadReport()
-    frames = []
-    total = count_frames(source)
-    for frame in tqdm(
-        iter_frames(source, size=size, report=report), total=total, desc="read normals", leave=False
-    ):
-        if str(frame.meta.get("family", "normal")) != "normal":
-            continue
-        frames.append(frame.image)
-        if limit is not None and len(frames) >= limit:
-            break
-    if not frames:
-        raise ExportError(f"no normal frames found in {source} ({report.failed} failed to decode)")
-    return np.stack(frames)
-
-
-def run_data_sources(config: dict[str, Any]) -> list[str]:
-    sources = config.get("data") or config.get("data_sources") or []
-    return [str(s) for s in ([sources] if isinstance(sources, str | Path) else sources)]
-
-
-def held_out_normals(config: dict[str, Any], size: int) -> Frames:
-    """The run's own validation normals, split exactly as the trainer split them (never trained on)."""
-    from training.data import load_training_frames
-
-    sources = run_data_sources(config)
-    if not sources:
-        if not config.get("dry_run"):
-            raise ExportError("the run's config.json names no data sources; pass --data NORMALS")
-        log.warning("dry run without data: calibrating on noise frames (the threshold means nothing)")
-        return np.random.default_rng(0).integers(0, 256, (N_PARITY_FRAMES, size, size, 3), dtype=np.uint8)
-    max_frames = config.get("max_frames")
-    if config.get("dry_run"):  # the trainer read only its first few frames; split the same ones
-        trainer = importlib.import_module(f"training.{config['kind']}_train")
-        max_frames = getattr(trainer, "DRY_RUN_FRAMES", max_frames)
-    data = load_training_frames(
-        sources,
-        size,
-        seed=int(config.get("seed", 0)),
-        val_fraction=float(config.get("val_fraction", 0.1)),
-        max_frames=max_frames,
-    )
-    return data.val
-
-
-def edge_case_frames(config: dict[str, Any], size: int, normals: Frames, n: int) -> tuple[Frames, list[str]]:
-    """Edge-case frames with families: the test split of a labelled data source, else perturbed normals."""
-    from training.data import is_labelled_folder, load_labelled_frames
-
-    for source in run_data_sources(config):
-        if is_labelled_folder(source):
-            frames, families, _, _ = load_labelled_frames(source, size, max_per_family=max(1, n // 8))
-            mask = np.array([f != "normal" for f in families])
-            if mask.any():
-                return frames[mask][:n], [f for f, m in zip(families, mask, strict=True) if m][:n]
-    return perturbed_frames(normals, n)
-
-
-def perturbed_frames(normals: Frames, n: int, seed: int = 0) -> tuple[Frames, list[str]]:
-    """Generic out-of-distribution frames made from normals (dark, washed out, noisy, dead rows)."""
-    rng = np.random.default_rng(seed)
-    base = normals[rng.integers(0, len(normals), n)].astype(np.float32)
-    kinds = ["dark", "washed-out", "noise", "dead-rows"]
-    families = [kinds[i % len(kinds)] for i in range(n)]
-    out = base.copy()
-    for i, family in enumerate(families):
-        if family == "dark":
-            out[i] *= 0.2
-        elif family == "washed-out":
-            out[i] = 0.3 * out[i] + 0.7 * 200.0
-        elif family == "noise":
-            out[i] += rng.normal(0, 60, out[i].shape)
-        else:
-            out[i, ::4] = 0.0
-    return np.clip(out, 0, 255).astype(np.uint8), families
-
-
-def auroc(normal: np.ndarray, edge: np.ndarray) -> float:
-    """P(edge score > normal score) + half the ties (Mann-Whitney form of the ROC AUC)."""
-    greater = (edge[:, None] > normal[None, :]).mean()
-    ties = (edge[:, None] == normal[None, :]).mean()
-    return float(greater + 0.5 * ties)
-
-
-def evaluation_summary(
-    normal: np.ndarray, edge: np.ndarray, families: list[str], source: str
-) -> dict[str, Any]:
-    """AUROC of the exported graph (onnxruntime scores) on the parity frames, overall and per family."""
-    fam = np.array(families)
-    return {
-        "frames": source,
-        "scored_with": "onnxruntime",
-        "n_normal": int(len(normal)),
-        "n_edge": int(len(edge)),
-        "auroc": auroc(normal, edge),
-        "auroc_by_family": {f: auroc(normal, edge[fam == f]) for f in sorted(set(families))},
-    }
-
 
 # ---- the repository ------------------------------------------------------------------------------
-
-
-def next_version(model_dir: Path) -> int:
-    """One more than the highest integer folder (temp dot-folders do not count)."""
-    taken = (
-        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        if model_dir.is_dir()
-        else []
-    )
-    return max(taken, default=0) + 1
 
 
 def make_temp_dir(model_dir: Path) -> Path:
@@ -359,7 +249,7 @@ def export_run(
     opset: int = OPSET,
 ) -> Path:
     """`edgecase export`: the head's graph of a run, calibrated on the run's val split or on `data`."""
-    from training.graphs import build_score_graph, head_info
+    from training.heads import build_score_graph, head_info
     from training.runs import load_config
 
     run_dir = Path(run_dir)

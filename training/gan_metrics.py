@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from training.dcgan import to_model_input
+from training.pixels import to_unit_range
 
 POOLED = 16  # frames are average-pooled to POOLED x POOLED before PCA
 PCA_DIMS = 32
@@ -31,12 +31,6 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
         return 0.0
     n = len(flat)
     return float(torch.cdist(flat, flat).sum() / (n * (n - 1)) / math.sqrt(flat.shape[1]))
-
-
-def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
-    """[-1, 1] NCHW -> uint8 NHWC (the inverse of the input scaling, rounded)."""
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
-    return pixels.permute(0, 2, 3, 1).to(torch.uint8).numpy()
 
 
 def frechet_distance(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
@@ -60,7 +54,7 @@ class PixelFrechet:
     """Fréchet distance in a PCA space of pooled pixels, fitted once on training frames."""
 
     def __init__(self, train: npt.NDArray[np.uint8], max_frames: int = 2000) -> None:
-        feats = self._pooled(to_model_input(torch.from_numpy(train[:max_frames])))
+        feats = self._pooled(to_unit_range(torch.from_numpy(train[:max_frames])))
         self.mean = feats.mean(0)
         # Principal axes of the training frames: rows of vt (economy SVD of the centred data).
         _, _, vt = np.linalg.svd(feats - self.mean, full_matrices=False)

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.dcgan import DCGAN, Discriminator, Generator, recalibrate_batchnorm, to_model_input
-from training.gan_metrics import PixelFrechet, mean_pairwise_distance, to_uint8
+from training.dcgan import DCGAN, Discriminator, Generator, recalibrate_batchnorm
+from training.gan_metrics import PixelFrechet, mean_pairwise_distance
+from training.pixels import to_uint8_frames, to_unit_range
 
 if TYPE_CHECKING:
-    from training.gan_train import GANConfig
+    from training.gan_config import GANConfig
 
 N_DIVERSITY = 64  # frames in the diversity figure and the sample grid
 N_VAL_METRICS = 256  # val frames in the per-epoch D/G losses
@@ -65,7 +66,7 @@ def encoder_loss(model: DCGAN, x: torch.Tensor, kappa: float) -> torch.Tensor:
 
 def frame_batches(frames: npt.NDArray[np.uint8], size: int, device: torch.device) -> list[torch.Tensor]:
     return [
-        to_model_input(torch.from_numpy(frames[i : i + size]).to(device)) for i in range(0, len(frames), size)
+        to_unit_range(torch.from_numpy(frames[i : i + size]).to(device)) for i in range(0, len(frames), size)
     ]
 
 
@@ -111,7 +112,7 @@ def gan_epoch_metrics(
         "fd_pixels": quality.distance(fakes, torch.cat(frame_batches(val[:N_QUALITY], 128, device))),
     }
     G.train(), D.train()
-    return metrics, to_uint8(fake)
+    return metrics, to_uint8_frames(fake).cpu().numpy()
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

@@ -9,23 +9,9 @@ selectable and combinable with ``+`` (e.g. ``spectral+r1``):
 - ``label-smoothing``: one-sided, real target ``1 - label_smoothing`` (Salimans et al. 2016);
 - ``none``.
 
-Measured (synthetic road frames at 32x32, 8,000 train / 500 val normals, width 32, batch 64, 750
-steps, seed 0; ``fd_pixels`` is the pixel-PCA Fréchet distance to val frames, floor 0.45 = train vs
-val; ``div`` the diversity ratio at the end):
-
-    stabiliser          fd_pixels by epoch 1..6                 div   D loss  D(val real)
-    none                24.9  7.2  5.5  4.3  5.1  3.6           1.10  0.52    0.98
-    spectral            11.3 11.6  8.7  8.2  7.8  4.9           0.89  1.32    0.52
-    label-smoothing     28.2  7.0  5.2  4.8  3.8  3.7           1.03  0.68    0.75
-    r1, gamma 1         29.0 12.6  6.7  4.4  3.8  3.1           0.89  1.23    0.53
-    r1, gamma 0.1       17.3  4.0  2.6  1.9  1.7  1.7           0.93  0.79    0.63
-
-R1 with a small gamma halves the distance of the plain DCGAN and keeps D from saturating (its belief
-in real frames stays near 0.6 instead of 0.98, so ``-log D(x)`` keeps a usable range), hence the
-default; gamma 10 (StyleGAN's value at 1024 px) stalled learning (fd 45.6 after 336 steps where the
-others were at 6-14). Spectral norm with the same learning rate for G and D learns slowest. A second
-seed repeats the main comparison: none 28.9 7.0 4.1 3.5 4.3 3.4, r1 gamma 0.1 21.8 7.0 3.6 2.9 2.1 1.6.
-The other rows are one seed each, so only their large gaps are evidence.
+``r1`` with gamma 0.1 is the default: in a comparison of the stabilisers it halved the pixel
+Fréchet distance of the plain DCGAN and kept D from saturating, so ``-log D(x)`` keeps a usable
+range (the table and its history: docs/benchmarks.md, "GAN stabilisers").
 
 Early stopping: a GAN has no validation loss that tracks sample quality, so phase 1 runs a fixed
 epoch budget bounded by ``max_minutes`` (phase 1 gets ``GAN_TIME_SHARE`` of it) and keeps the last
@@ -47,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +42,10 @@ import torch
 from tqdm import tqdm
 
 from training import runs
-from training.data import TrainingData, fingerprint_frames, load_training_frames
-from training.dcgan import DCGAN, to_model_input
-from training.gan_heads import build_dcgan, compute_dfeat_bank, save_dfeat_bank
-from training.gan_metrics import PixelFrechet, to_uint8
+from training.data import load_training_frames
+from training.dcgan import DCGAN
+from training.gan_config import DRY_RUN_FRAMES, GANConfig, config_from_saved, noise_data, resolved_config
+from training.gan_metrics import PixelFrechet
 from training.gan_steps import (
     N_BN_BATCHES,
     N_QUALITY,
@@ -72,123 +57,14 @@ from training.gan_steps import (
     refresh_batchnorm,
     set_requires_grad,
 )
+from training.heads import fit_heads
+from training.heads.gan import build_dcgan, compute_dfeat_bank, save_dfeat_bank
+from training.pixels import to_uint8_frames, to_unit_range
 from training.plots import plot_losses, save_image_grid
-from training.seg_head import STEPS as SEG_STEPS
 
 log = logging.getLogger(__name__)
 
-# Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
-_RESUMABLE_FIELDS = (
-    "epochs",
-    "encoder_epochs",
-    "patience",
-    "max_minutes",
-    "device",
-    "amp",
-    "num_workers",
-    "calibrate",
-)
-STABILISERS = ("none", "spectral", "r1", "label-smoothing")
 GAN_TIME_SHARE = 0.75  # of max_minutes; the rest is for the encoder, the bank and calibration
-DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
-
-
-@dataclass
-class GANConfig:
-    """Hyper-parameters of ``edgecase train gan``; defaults fit 8,000 frames of 64x64 on 2 CPU cores."""
-
-    size: int = 64
-    batch_size: int = 64
-    epochs: int = 10
-    lr: float = 2e-4
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # bfloat16 autocast, CUDA only
-    patience: int = 3  # encoder phase only (the GAN phase has no validation loss to stop on)
-    max_minutes: float | None = 15.0  # whole run; the GAN phase gets GAN_TIME_SHARE of it
-    dry_run: bool = False
-    num_workers: int = 0  # frames live in memory; kept for a common CLI with the VAE
-    latent_dim: int = 100
-    width: int = 32
-    stabiliser: str = "r1"  # measured best (see the module docstring)
-    r1_gamma: float = 0.1  # 10 (the StyleGAN default at 1024 px) stalls learning at 32-64 px
-    r1_every: int = 4
-    label_smoothing: float = 0.1
-    beta1: float = 0.5
-    beta2: float = 0.999
-    encoder_epochs: int = 8
-    encoder_lr: float = 5e-4
-    kappa: float = 1.0
-    bank_size: int = 4000
-    knn_k: int = 5
-    max_frames: int | None = None  # cap on training frames per source (quick experiments)
-    calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
-
-    def stabilisers(self) -> frozenset[str]:
-        """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""
-        parts = frozenset(p.strip() for p in self.stabiliser.split("+") if p.strip())
-        unknown = parts - set(STABILISERS)
-        if not parts or unknown:
-            raise ValueError(
-                f"unknown stabiliser {self.stabiliser!r}; valid: {', '.join(STABILISERS)} (join with +)"
-            )
-        if "none" in parts and len(parts) > 1:
-            raise ValueError(f"stabiliser 'none' cannot be combined: {self.stabiliser!r}")
-        return parts - {"none"}
-
-    def validate(self) -> None:
-        """Clear errors for bad values before any work starts."""
-        self.stabilisers()
-        for name in ("batch_size", "latent_dim", "width", "r1_every", "knn_k", "bank_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "encoder_epochs", "patience", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.lr <= 0 or self.encoder_lr <= 0 or self.r1_gamma < 0 or self.kappa < 0:
-            raise ValueError("lr and encoder_lr must be > 0, r1_gamma and kappa >= 0")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
-
-
-# -- the run ----------------------------------------------------------------------------------------
-
-
-def _noise_data(cfg: GANConfig) -> TrainingData:
-    """Seeded noise frames: a dry run without ``--data`` still pushes a batch through every step."""
-    rng = np.random.default_rng(cfg.seed)
-    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, cfg.size, cfg.size, 3), dtype=np.uint8)
-    train, val = frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:]
-    return TrainingData(train, val, sources=[], fingerprint=fingerprint_frames(train, val))
-
-
-def _resolved_config(cfg: GANConfig, data: TrainingData, device: torch.device) -> dict[str, Any]:
-    stabilisers = sorted(cfg.stabilisers())
-    return {
-        **asdict(cfg),
-        "kind": "gan",
-        "d_norm": "spectral" if "spectral" in stabilisers else "batch",
-        "stabilisers": stabilisers,
-        "encoder_trained": False,
-        "data": data.sources,
-        "data_fingerprint": data.fingerprint,
-        "n_train": len(data.train),
-        "n_val": len(data.val),
-        "resolved_device": str(device),
-        "versions": runs.package_versions(),
-    }
-
-
-def _config_from_saved(saved: dict[str, Any], cfg: GANConfig) -> GANConfig:
-    """On --resume the run's own hyper-parameters win, except budgets and where it runs."""
-    names = {f.name for f in fields(GANConfig)}
-    resumed = GANConfig(**{k: v for k, v in saved.items() if k in names})
-    for name in _RESUMABLE_FIELDS:
-        setattr(resumed, name, getattr(cfg, name))
-    return resumed
 
 
 def _steps(n: int, batch_size: int, dry_run: bool) -> int:
@@ -263,27 +139,27 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
     """Train a DCGAN, its f-AnoGAN encoder and the D-feature bank into ``out_dir``; returns the run dir.
 
     Writes config.json, checkpoint.pt (every epoch of both phases), model.pt, history.jsonl,
-    plots/{loss,encoder_loss,samples,samples_epoch_XXX,reconstructions}.png, banks/dfeat.pt and, when
-    the calibration module is present, calibration/<head>.json.
+    plots/{loss,encoder_loss,samples,samples_epoch_XXX,reconstructions}.png, banks/dfeat.pt, and the
+    fitted and calibrated heads (:func:`fit_heads`: banks/, calibration/<head>.json).
     """
     cfg.validate()
     run_dir = runs.create_run_dir(out_dir, resume=resume)
     checkpoint: dict[str, Any] | None = None
     if resume:
         saved = runs.load_config(run_dir)
-        cfg = _config_from_saved(saved, cfg)
+        cfg = config_from_saved(saved, cfg)
         data_sources = list(saved.get("data") or data_sources)
         checkpoint = runs.load_checkpoint(run_dir)
     device = runs.resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
     runs.seed_everything(cfg.seed)
     if cfg.dry_run and not data_sources:
-        data = _noise_data(cfg)
+        data = noise_data(cfg)
     else:
         max_frames = DRY_RUN_FRAMES if cfg.dry_run else cfg.max_frames
         data = load_training_frames(data_sources, cfg.size, seed=cfg.seed, max_frames=max_frames)
     train, val = data.train, data.val
-    config = _resolved_config(cfg, data, device)
+    config = resolved_config(cfg, data, device)
     if checkpoint is None:
         runs.save_config(run_dir, config)
     elif runs.load_config(run_dir).get("data_fingerprint") != data.fingerprint:
@@ -359,7 +235,7 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         started = time.monotonic()
         for i in tqdm(range(steps), desc=f"GAN epoch {epoch}/{gan_epochs}", unit="step", leave=False):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            real = to_model_input(torch.from_numpy(train[idx]).to(device))
+            real = to_unit_range(torch.from_numpy(train[idx]).to(device))
             for k, v in gan_step(G, D, opts["g"], opts["d"], real, cfg, state["step"], amp).items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -423,7 +299,7 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         for i in tqdm(range(steps), desc=f"encoder epoch {epoch}/{encoder_epochs}", unit="step", leave=False):
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             total += encoder_step(
-                model, opts["e"], to_model_input(torch.from_numpy(train[idx]).to(device)), cfg.kappa, amp
+                model, opts["e"], to_unit_range(torch.from_numpy(train[idx]).to(device)), cfg.kappa, amp
             )
         val_loss = _mean_encoder_loss(model, val, cfg, device)
         if val_loss < state["best_val"]:
@@ -452,7 +328,9 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
     with torch.no_grad():
         x = frame_batches(val[:8], 8, device)[0]
         save_image_grid(
-            np.concatenate([to_uint8(x), to_uint8(G(E(x)))]), plots / "reconstructions.png", nrow=len(x)
+            np.concatenate([to_uint8_frames(t).cpu().numpy() for t in (x, G(E(x)))]),
+            plots / "reconstructions.png",
+            nrow=len(x),
         )
 
     # Phase 3: the D-feature bank for gan-dfeat-knn, the final model file, calibration.
@@ -468,34 +346,6 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
         epoch=state["gan_epoch"],
         encoder_epoch=state["encoder_epoch"],
     )
-    if cfg.dry_run:
-        _check_heads(run_dir, val[:2])
-    if cfg.calibrate:
-        _calibrate(run_dir, val)
+    fit_heads(run_dir, val, calibrate=cfg.calibrate, check=cfg.dry_run)
     log.info("GAN run done in %.1f min: %s", budget.spent() / 60, run_dir)
     return run_dir
-
-
-def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8]) -> None:
-    """Calibrate every head on validation normals when the calibration module is installed."""
-    try:
-        from training.calibrate import calibrate_run
-    except ImportError as exc:
-        log.info("calibration skipped (%s): run `edgecase calibrate %s`", exc, run_dir)
-        return
-    try:
-        calibrate_run(run_dir, val)
-    except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
-        log.exception("calibration of %s failed; the trained model is kept", run_dir)
-
-
-def _check_heads(run_dir: Path, frames: npt.NDArray[np.uint8]) -> None:
-    """Dry run: build every GAN head from the run dir and score a batch (breaks loudly, not later)."""
-    from training.gan_heads import GAN_HEAD_BUILDERS
-
-    with torch.no_grad():
-        for name, build in GAN_HEAD_BUILDERS.items():
-            out = build(run_dir)(torch.from_numpy(frames))
-            score = out[0] if isinstance(out, tuple) else out
-            if score.shape != (len(frames),) or not torch.isfinite(score).all():
-                raise RuntimeError(f"head {name} returned {tuple(score.shape)} / non-finite scores")

@@ -27,6 +27,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from contract.manifest import Parity
+from contract.sessions import open_session
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,17 +57,8 @@ def rel_diff(a: npt.ArrayLike, b: npt.ArrayLike, eps: float = MIN_PARITY_EPS) ->
 
 
 def ort_session(path: Path, intra_op_threads: int = 0) -> ort.InferenceSession:
-    """A CPU session built as the service builds one (service.registry.make_session; training must not
-    import service, so the two settings below are kept in step by hand)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = intra_op_threads
-    return ort.InferenceSession(
-        str(path),
-        sess_options=options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=["MatMulScaleFusion"],
-    )
+    """A CPU session built as the service builds one (contract.sessions.open_session)."""
+    return open_session(path, ["CPUExecutionProvider"], intra_op_threads)
 
 
 def run_ort(

@@ -152,13 +152,3 @@ class VAE(nn.Module):
 def nats_to_bits_per_dim(nats: torch.Tensor, dims: int) -> torch.Tensor:
     """Code length per value in bits: nats / (D ln 2)."""
     return nats / (dims * math.log(2.0))
-
-
-def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the one scaling (docs/architecture.md "Score graphs")."""
-    return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8_frames(x: torch.Tensor) -> torch.Tensor:
-    """float NCHW in [-1, 1] -> uint8 NHWC (rounded, clamped), for plots."""
-    return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -1,15 +1,12 @@
 """Training loop of the VAE: Adam on the negative ELBO, early stopping on validation bits/dim.
 
 Read top to bottom: config -> data -> network -> epochs (train, validate, checkpoint, keep the best)
--> plots -> calibration. The run directory layout is in training/runs.py.
+-> plots -> the heads (``fit_heads``). The run directory layout is in training/runs.py.
 
 Defaults fit the issue's budget, 8,000 frames of 64x64 in at most 10 minutes on 2 CPU cores:
-width 32, latent 64, batch 64 take 14-17 s an epoch with validation on a quiet machine (the default
-run: 21 epochs, val 5.32 bits/dim, in 10 min 20 s including data, plots and the calibration of all
-six VAE heads while another job shared the CPU), and ``max_minutes`` = 7 stops the loop cleanly
-(after the batch in progress; a cut epoch is validated, saved and marked partial in the history)
-so loading, plots and calibration fit in the rest. On a busy shared CPU an epoch can take twenty
-times longer; the budget still holds for the loop, and the model is then less trained.
+``max_minutes`` = 7 stops the loop cleanly (after the batch in progress; a cut epoch is validated,
+saved and marked partial in the history) so loading, plots and fitting the heads fit in the rest
+(timings: docs/benchmarks.md, "VAE training budget").
 """
 
 from __future__ import annotations
@@ -31,13 +28,14 @@ from training import runs
 from training.data import (
     TrainingData,
     fingerprint_frames,
-    is_labelled_folder,
-    load_labelled_frames,
     load_training_frames,
 )
-from training.plots import plot_losses, plot_tsne, save_image_grid
-from training.seg_head import STEPS as SEG_STEPS
-from training.vae import VAE, nats_to_bits_per_dim, to_uint8_frames, to_unit_range
+from training.heads import fit_heads, model_heads
+from training.heads.vae import load_vae
+from training.pixels import to_unit_range
+from training.seg_net import STEPS as SEG_STEPS
+from training.vae import VAE, nats_to_bits_per_dim
+from training.vae_plots import write_plots
 
 log = logging.getLogger(__name__)
 
@@ -189,77 +187,6 @@ def _train_epoch(
     return record
 
 
-@torch.no_grad()
-def write_plots(
-    vae: VAE,
-    run_dir: Path,
-    data: TrainingData,
-    device: torch.device,
-    history: list[dict[str, Any]],
-    *,
-    tsne: bool,
-    seed: int = 0,
-) -> None:
-    """loss.png every epoch; reconstructions and samples; t-SNE of val latents at the end."""
-    plots = run_dir / runs.PLOTS
-    plot_losses(history, plots / "loss.png")
-    vae.eval()
-    originals = data.val[:8]
-    x = to_unit_range(torch.from_numpy(originals).to(device))
-    recon = to_uint8_frames(vae.decode(vae.encode(x)[0])).cpu().numpy()
-    save_image_grid(
-        np.concatenate([originals, recon]), plots / "reconstructions.png", nrow=len(originals), scale=2
-    )
-    samples = to_uint8_frames(vae.sample(32, torch.Generator().manual_seed(seed))).cpu().numpy()
-    save_image_grid(samples, plots / "samples.png", nrow=8, scale=2)
-    if tsne:
-        frames, labels = _tsne_frames(data, seed)
-        latents = torch.cat(
-            [
-                vae.encode(to_unit_range(torch.from_numpy(frames[i : i + 256]).to(device)))[0].float().cpu()
-                for i in range(0, len(frames), 256)
-            ]
-        )
-        plot_tsne(latents.numpy(), labels, plots / "tsne.png", seed=seed, title="t-SNE of posterior means")
-
-
-def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], list[str]]:
-    """Val normals (up to 600) plus, from a labelled source, up to 40 test frames per family
-    (about 1,000 points: t-SNE stays within seconds)."""
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(data.val), min(600, len(data.val)), replace=False))
-    frames = [data.val[keep]]
-    labels = [data.labels[i] for i in keep] if data.labels is not None else ["val"] * len(keep)
-    for source in data.sources:
-        if not is_labelled_folder(source):
-            continue
-        try:
-            test, families, _, _ = load_labelled_frames(source, data.val.shape[1], max_per_family=40)
-        except ValueError as exc:
-            log.info("t-SNE without test frames of %s: %s", source, exc)
-            continue
-        anomalous = np.array([f != "normal" for f in families])
-        frames.append(test[anomalous])
-        labels += [f for f in families if f != "normal"]
-    return np.concatenate(frames), labels
-
-
-def _calibrate(run_dir: Path, val: npt.NDArray[np.uint8], dry_run: bool) -> None:
-    """Calibrate every head of the run on the val normals (a dry run: only the VAE's own heads,
-    since local and combined heads read the whole training set to build their banks)."""
-    try:
-        from training.calibrate import calibrate_run
-    except ImportError:
-        log.info("training.calibrate not available: skipping calibration")
-        return
-    from training.vae_heads import VAE_HEAD_BUILDERS
-
-    try:
-        calibrate_run(run_dir, val, heads=list(VAE_HEAD_BUILDERS) if dry_run else None)
-    except Exception:  # the run is saved; calibration can be redone with `edgecase calibrate`
-        log.exception("calibration of %s failed; the trained model is kept", run_dir)
-
-
 def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, vae: VAE) -> dict[str, Any]:
     return {
         "kind": "vae",
@@ -278,7 +205,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     """Train (or resume) a VAE run in ``out_dir`` and return the run directory.
 
     Writes config.json, history.jsonl, checkpoint.pt every epoch, model.pt whenever validation
-    bits/dim improve, the plots, and (if training.calibrate exists) calibration of every head.
+    bits/dim improve, the plots, and the fitted and calibrated heads (:func:`fit_heads`).
     ``resume`` continues after the last checkpointed epoch with the saved config and data; only run
     control (epochs, patience, max_minutes, device, amp, calibrate) is taken from ``cfg``.
     """
@@ -365,27 +292,11 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
 
     if not (run_dir / runs.MODEL).is_file():
         raise RuntimeError(f"no epoch finished in {run_dir}; nothing to save")
-    from training.vae_heads import load_vae
-
     best, _ = load_vae(run_dir)
     best.to(device)
     write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
-    if cfg.dry_run:
-        _check_heads(run_dir, data.val[:2])
-    if cfg.calibrate:
-        _calibrate(run_dir, data.val, cfg.dry_run)
+    # A dry run fits and calibrates only the model heads: the others read the whole data set.
+    heads = model_heads("vae") if cfg.dry_run else None
+    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir
-
-
-def _check_heads(run_dir: Path, frames: npt.NDArray[np.uint8]) -> None:
-    """Dry run: build every VAE head from the run dir and score a batch (catches export-side breakage)."""
-    from training.vae_heads import VAE_HEAD_BUILDERS
-
-    batch = torch.from_numpy(frames)
-    with torch.no_grad():
-        for name, build in VAE_HEAD_BUILDERS.items():
-            out = build(run_dir)(batch)
-            score = out[0] if isinstance(out, tuple) else out
-            if score.shape != (len(frames),) or not torch.isfinite(score).all():
-                raise RuntimeError(f"head {name} returned {tuple(score.shape)} / non-finite scores")

@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_fpr < 1.0:
         raise CliError(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
-    from training.calibrate import calibrate_run
     from training.ensemble import HEAD, create_ensemble
+    from training.heads import calibrate_heads
     from training.runs import run_normals
 
     try:
         out = create_ensemble(args.members, args.out)
-        calibration = calibrate_run(out, run_normals(out, "val"), heads=[HEAD], target_fpr=args.target_fpr)[
+        calibration = calibrate_heads(out, run_normals(out, "val"), heads=[HEAD], target_fpr=args.target_fpr)[
             HEAD
         ]
     except (ValueError, FileNotFoundError) as exc:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--data {args.data} does not exist")
 
     from training.export import ExportError, export_run
-    from training.graphs import default_head_of
+    from training.heads import default_head_of
 
     try:
         head = args.head or default_head_of(run_dir)

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write the flags in one review state as PNG frames plus labels.csv (normal -> split "
         "train, family normal; edge_case/unreviewed -> split test, family edge_case).",
         epilog="Example:\n  edgecase flagged export --review normal --out data/reviewed\n"
-        "  edgecase train vae --data data/synth data/reviewed --out runs/vae2",
+        "  edgecase train vae --data data/synth --data data/reviewed --out runs/vae2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("--review", required=True, choices=["normal", "edge_case", "unreviewed"])

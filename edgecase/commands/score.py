@@ -33,7 +33,9 @@ columns key, source, score, p_value, is_edge_case, error; OUT_DIR/_summary.json 
 Exit status:
   0  every shard scored (or already done with --resume) and frame errors within --max-frame-errors
   1  a shard could not be read to the end (no output file for it), or the fraction of frames that
-     failed to decode is above --max-frame-errors; every failure is listed in _summary.json
+     failed to decode is above --max-frame-errors; every failure is listed in _summary.json;
+     or --pushgateway could not take the run's totals (the output is complete: rerun with --resume
+     to push again without scoring again)
   2  usage error: bad flag, source not found, model not loadable, output not writable
   130 interrupted (Ctrl-C); finished shards are kept, rerun with --resume
 
@@ -172,13 +174,13 @@ def run(args: argparse.Namespace) -> int:
             f"--max-frame-errors {args.max_frame_errors:g}",
             file=sys.stderr,
         )
-    if args.pushgateway:
-        _push(args.pushgateway, summary)
+    if args.pushgateway and not _push(args.pushgateway, summary):
+        return 1
     return summary.exit_status
 
 
-def _push(url: str, summary: RunSummary) -> None:
-    """The run's totals to a Pushgateway; a push that fails is reported, and the run's files stand."""
+def _push(url: str, summary: RunSummary) -> bool:
+    """The run's totals to a Pushgateway; a push that fails is reported (the run's files stand)."""
     from service.batch_push import PushError, push_run
 
     try:

@@ -135,10 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
         config_cls, train = VAEConfig, train_vae
     else:
-        try:
-            from training.gan_train import GANConfig, train_gan
-        except ImportError as exc:
-            raise CliError(f"the GAN trainer is not available ({exc})") from exc
+        from training.gan_train import GANConfig, train_gan
+
         config_cls, train = GANConfig, train_gan
     if not args.data and not args.dry_run and not args.resume:
         raise CliError("give at least one --data DIR_OR_SHARDS (or --dry-run to use noise frames)")

@@ -95,7 +95,7 @@ def test_every_frame_gets_a_row_in_its_shards_file(model, data: Path, tmp_path: 
         row = rows[key]
         assert row["score"] == pytest.approx(value / 255, abs=1e-6)
         assert row["is_edge_case"] == (value / 255 > 0.5)
-        assert row["p_value"] == pytest.approx(float(model.p_values([row["score"]])[0]))
+        assert row["p_value"] == pytest.approx(float(model.manifest.p_values([row["score"]])[0]))
         assert row["error"] is None
     bad = rows["test/bad/bad_000000"]
     assert bad["score"] is None and bad["is_edge_case"] is None and "corrupt" in bad["error"]

@@ -17,8 +17,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from contract.manifest import Manifest, file_entry, quantiles_of
+from contract.repository import list_versions
 from service import registry as registry_module
-from service.registry import ModelLoadError, ModelRegistry, default_providers, list_versions
+from service.registry import ModelLoadError, ModelRegistry, default_providers
 
 SIZE = 8
 
@@ -122,7 +123,7 @@ def test_load_serves_the_highest_version_and_scores_a_batch(tmp_path: Path) -> N
     np.testing.assert_allclose(out["score"], [200.0] * 3)
     assert out["anomaly_map"].shape == (3, SIZE, SIZE)
     assert model.threshold == pytest.approx(252.45)
-    np.testing.assert_allclose(model.p_values([255.0, -1.0]), [2 / 102, 1.0])
+    np.testing.assert_allclose(model.manifest.p_values([255.0, -1.0]), [2 / 102, 1.0])
 
 
 def test_score_refuses_wrong_dtype_or_shape(tmp_path: Path) -> None:

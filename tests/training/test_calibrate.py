@@ -1,4 +1,4 @@
-"""Calibration on held-out normals: threshold at a target false-positive rate, conformal p-values."""
+"""Calibration on held-out normals: threshold at a target false-positive rate (p-values: contract)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,7 @@ import numpy as np
 import pytest
 
 from contract.manifest import is_edge_case
-from training.calibrate import calibrate_scores, load_calibration, p_value, save_calibration
-
-
-def test_p_value_is_one_plus_the_count_of_calibration_scores_at_least_as_high_over_n_plus_one() -> None:
-    calibration = [1.0, 2.0, 3.0, 4.0]
-    got = p_value([0.0, 2.0, 2.5, 4.0, 9.0], calibration)
-    np.testing.assert_allclose(got, [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5])  # ties count as "at least"
-
-
-def test_p_value_does_not_depend_on_the_order_of_calibration_scores() -> None:
-    rng = np.random.default_rng(0)
-    calibration = rng.normal(size=500)
-    scores = rng.normal(size=50)
-    brute = [(1 + np.sum(calibration >= s)) / 501 for s in scores]
-    np.testing.assert_allclose(p_value(scores, rng.permutation(calibration)), brute)
-
-
-def test_p_values_of_fresh_normals_are_uniform_enough() -> None:
-    rng = np.random.default_rng(1)
-    p = p_value(rng.normal(size=20000), rng.normal(size=999))
-    assert abs(np.mean(p <= 0.05) - 0.05) < 0.01  # valid: P(p <= a) ~ a for exchangeable frames
+from training.calibrate import calibrate_scores, load_calibration, save_calibration
 
 
 def test_threshold_is_the_inverted_cdf_quantile() -> None:
@@ -88,16 +68,16 @@ def test_calibration_file_round_trips(tmp_path: Path) -> None:
         load_calibration(tmp_path, "gan-disc")
 
 
-def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) -> None:
+def test_calibrate_heads_scores_held_out_normals_with_each_head(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
 
-    from training.calibrate import calibrate_run, score_frames
-    from training.graphs import build_score_graph
+    from training.calibrate import score_frames
+    from training.heads import build_score_graph, calibrate_heads
 
     run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
     val = normal_frames(30, seed=21)
-    result = calibrate_run(run, val, heads=["gan-disc", "gan-patch"], target_fpr=0.1)
+    result = calibrate_heads(run, val, heads=["gan-disc", "gan-patch"], target_fpr=0.1)
     assert set(result) == {"gan-disc", "gan-patch"}
     for head, cal in result.items():
         saved = json.loads((run / "calibration" / f"{head}.json").read_text())
@@ -107,12 +87,12 @@ def test_calibrate_run_scores_held_out_normals_with_each_head(tmp_path: Path) ->
         assert np.mean(expected > cal.threshold) <= 0.1
 
 
-def test_calibrate_run_rejects_an_unknown_head(tmp_path: Path) -> None:
+def test_calibrate_heads_rejects_an_unknown_head(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run
 
-    from training.calibrate import calibrate_run
+    from training.heads import calibrate_heads
 
     run = write_tiny_gan_run(tmp_path / "run", write_labelled_folder(tmp_path / "data"))
     with pytest.raises(ValueError, match="unknown score head 'vae-elbo'"):
-        calibrate_run(run, normal_frames(4), heads=["vae-elbo"])
+        calibrate_heads(run, normal_frames(4), heads=["vae-elbo"])

@@ -7,37 +7,31 @@ its members must share frames and seed, or its validation split would hold frame
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from conftest import TinyRun  # noqa: E402
 from eval_helpers import (  # noqa: E402
     normal_frames,
     write_labelled_folder,
     write_tiny_gan_run,
-    write_tiny_vae_run,
 )
+from training_helpers import assert_parity  # noqa: E402
 
 from edgecase.cli import main  # noqa: E402
-from training.graphs import available_heads, build_score_graph, default_head  # noqa: E402
-from training.onnx_graph import export_onnx  # noqa: E402
+from training.heads import available_heads, build_score_graph, default_head  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def members(tmp_path_factory: pytest.TempPathFactory, tiny_run: TinyRun) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ensemble")
-    data = write_labelled_folder(root / "data")
-    vae = write_tiny_vae_run(root / "vae", data)
-    gan = write_tiny_gan_run(root / "gan", data)
-    for run in (vae, gan):  # no seg net: seconds, not minutes (test_seg_head.py covers it)
-        save_config(run, {**load_config(run), "seg_steps": 0})
-    return vae, gan
+    # no seg net: seconds, not minutes (test_seg_head.py covers it)
+    return tiny_run("vae", root, seg_steps=0), tiny_run("gan", root, seg_steps=0)
 
 
 def test_the_ensemble_command_fits_and_calibrates_one_head_over_both_runs(
@@ -65,16 +59,8 @@ def test_the_ensemble_head_exports_and_matches_onnxruntime(
     from training.ensemble import create_ensemble
 
     graph = build_score_graph(create_ensemble(list(members), tmp_path / "ens"), "ensemble-combo")
-    frames = normal_frames(5, seed=21)
-    with torch.no_grad():
-        ref_score, ref_map = graph(torch.from_numpy(frames))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warning
-        export_onnx(graph, tmp_path / "ens.onnx", size=32)
-    session = ort.InferenceSession(str(tmp_path / "ens.onnx"), providers=["CPUExecutionProvider"])
-    score, amap = session.run(None, {"frames": frames})
-    np.testing.assert_allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-4)
-    assert amap.shape == (5, 32, 32)
+    names = assert_parity(graph, normal_frames(5, seed=21), tmp_path / "ens.onnx")
+    assert names == ["score", "anomaly_map"]
 
 
 def test_runs_of_other_data_or_two_of_a_kind_are_refused_with_the_reason(

@@ -140,7 +140,7 @@ def test_evaluate_recalibrates_a_head_whose_threshold_was_computed_with_another_
 
     from training.calibrate import graph_fingerprint, load_calibration, save_calibration
     from training.evaluate import evaluate_run
-    from training.graphs import build_score_graph
+    from training.heads import build_score_graph
 
     data = write_labelled_folder(tmp_path / "data")
     run = write_tiny_gan_run(tmp_path / "run", data)

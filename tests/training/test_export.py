@@ -21,7 +21,8 @@ from training_helpers import write_tiny_synth
 from contract.manifest import ModelInfo, TrainingInfo, load_manifest
 from service.registry import ModelRegistry
 from training.calibrate import calibrate_scores
-from training.export import export_graph, export_run, perturbed_frames, publish, recalibrate
+from training.export import export_graph, export_run, publish, recalibrate
+from training.export_frames import perturbed_frames
 from training.onnx_graph import (
     MIN_PARITY_EPS,
     ExportError,
@@ -302,7 +303,7 @@ ALL_HEADS = [(kind, head) for kind, heads in HEADS.items() for head in heads]
 
 @pytest.mark.parametrize("kind", [pytest.param("vae"), pytest.param("gan", marks=pytest.mark.slow)])
 def test_the_head_list_covers_every_head_of_a_run(runs: dict[str, Path], kind: str) -> None:
-    from training.graphs import available_heads
+    from training.heads import available_heads
 
     assert sorted(available_heads(runs[kind])) == sorted(HEADS[kind])
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from training_helpers import assert_parity
 
 from training import gan_train
 from training.dcgan import (
@@ -26,18 +27,18 @@ from training.dcgan import (
     num_stages,
     recalibrate_batchnorm,
 )
-from training.gan_heads import (
-    GAN_HEAD_BUILDERS,
-    GAN_HEAD_INFO,
+from training.gan_metrics import frechet_distance, mean_pairwise_distance
+from training.gan_steps import discriminator_loss, gan_step, generator_loss, r1_penalty
+from training.gan_train import GANConfig, train_gan
+from training.heads.gan import (
+    GAN_HEADS,
     DFeatKnnGraph,
     FeatResidualGraph,
     load_dfeat_bank,
     load_gan,
 )
-from training.gan_metrics import frechet_distance, mean_pairwise_distance
-from training.gan_steps import discriminator_loss, gan_step, generator_loss, r1_penalty
-from training.gan_train import GANConfig, train_gan
-from training.onnx_graph import export_onnx
+
+HEADS = {spec.name: spec for spec in GAN_HEADS}
 
 SIZE = 32
 WIDTH = 8
@@ -292,21 +293,21 @@ def random_frames(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_every_head_is_described() -> None:
-    assert set(GAN_HEAD_BUILDERS) == set(GAN_HEAD_INFO) == {"gan-disc", "gan-feat", "gan-dfeat-knn"}
-    for info in GAN_HEAD_INFO.values():
-        assert info["units"] and info["definition"] and isinstance(info["has_map"], bool)
+    assert set(HEADS) == {"gan-disc", "gan-feat", "gan-dfeat-knn"}
+    for spec in HEADS.values():
+        assert spec.kind == "gan" and spec.units and spec.definition and isinstance(spec.has_map, bool)
 
 
-@pytest.mark.parametrize("head", sorted(GAN_HEAD_BUILDERS))
+@pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_heads_score_uint8_frames_with_the_documented_outputs(
     dry_run_dir: Path, head: str, batch: int
 ) -> None:
-    graph = GAN_HEAD_BUILDERS[head](dry_run_dir)
+    graph = HEADS[head].build(dry_run_dir)
     assert not graph.training
     with torch.no_grad():
         out = graph(random_frames(batch))
-    if GAN_HEAD_INFO[head]["has_map"]:
+    if HEADS[head].has_map:
         score, amap = out
         assert amap.shape == (batch, SIZE, SIZE) and amap.dtype == torch.float32
     else:
@@ -316,7 +317,7 @@ def test_heads_score_uint8_frames_with_the_documented_outputs(
 
 def test_heads_score_each_frame_independently_of_its_batch(dry_run_dir: Path) -> None:
     frames = random_frames(3)
-    for head, build in GAN_HEAD_BUILDERS.items():
+    for head, build in ((name, spec.build) for name, spec in HEADS.items()):
         graph = build(dry_run_dir)
         with torch.no_grad():
             together = graph(frames)
@@ -331,7 +332,7 @@ def test_gan_disc_is_minus_log_d(dry_run_dir: Path) -> None:
     frames = random_frames(2)
     with torch.no_grad():
         d = torch.sigmoid(model.discriminator(frames.permute(0, 3, 1, 2).float() / 127.5 - 1))
-        torch.testing.assert_close(GAN_HEAD_BUILDERS["gan-disc"](dry_run_dir)(frames), -torch.log(d))
+        torch.testing.assert_close(HEADS["gan-disc"].build(dry_run_dir)(frames), -torch.log(d))
 
 
 def test_gan_feat_pixel_part_is_the_mean_of_its_map(dry_run_dir: Path) -> None:
@@ -347,7 +348,7 @@ def test_dfeat_knn_scores_a_bank_frame_at_distance_zero(dry_run_dir: Path, frame
     frames = torch.from_numpy(
         np.stack([np.asarray(Image.open(p)) for p in sorted(frame_dir.glob("*.png"))[:4]])
     )
-    from training.gan_heads import compute_dfeat_bank
+    from training.heads.gan import compute_dfeat_bank
 
     bank = compute_dfeat_bank(model.discriminator, frames.numpy())
     graph = DFeatKnnGraph(model.discriminator, bank, k=1).eval()
@@ -361,24 +362,14 @@ def test_dfeat_knn_scores_a_bank_frame_at_distance_zero(dry_run_dir: Path, frame
 # it also calls a typing_extensions-deprecated helper internally ("The feature will be removed").
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-@pytest.mark.parametrize("head", sorted(GAN_HEAD_BUILDERS))
+@pytest.mark.parametrize("head", sorted(HEADS))
 def test_heads_export_to_onnx_and_onnxruntime_agrees(dry_run_dir: Path, tmp_path: Path, head: str) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    graph = GAN_HEAD_BUILDERS[head](dry_run_dir)
-    has_map = GAN_HEAD_INFO[head]["has_map"]
-    path = tmp_path / f"{head}.onnx"
-    names, _ = export_onnx(graph, path, size=random_frames(1).shape[1])  # the exporter `edgecase export` uses
+    pytest.importorskip("onnxruntime")
+    graph = HEADS[head].build(dry_run_dir)
+    has_map = HEADS[head].has_map
+    frames = random_frames(5, seed=7).numpy()  # another batch size than traced
+    names = assert_parity(graph, frames, tmp_path / f"{head}.onnx")
     assert names == (["score", "anomaly_map"] if has_map else ["score"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    frames = random_frames(5, seed=7)  # another batch size than traced
-    got = session.run(None, {"frames": frames.numpy()})
-    with torch.no_grad():
-        want = graph(frames)
-    want = want if isinstance(want, tuple) else (want,)
-    for name, g, w in zip(names, got, want, strict=True):
-        np.testing.assert_allclose(
-            g, w.numpy(), rtol=1e-4, atol=1e-5 * float(np.abs(w.numpy()).max()), err_msg=name
-        )
 
 
 def test_building_knn_head_without_bank_is_a_clear_error(dry_run_dir: Path, tmp_path: Path) -> None:
@@ -388,4 +379,4 @@ def test_building_knn_head_without_bank_is_a_clear_error(dry_run_dir: Path, tmp_
     shutil.copytree(dry_run_dir, copy)
     (copy / "banks" / "dfeat.pt").unlink()
     with pytest.raises(FileNotFoundError, match="D-feature bank"):
-        GAN_HEAD_BUILDERS["gan-dfeat-knn"](copy)
+        HEADS["gan-dfeat-knn"].build(copy)

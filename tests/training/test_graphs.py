@@ -7,7 +7,6 @@ combined heads must export to ONNX (opset 17, dynamic batch) and agree with onnx
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,27 @@ ort = pytest.importorskip("onnxruntime")
 
 from eval_helpers import edge_frames, normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
 from torch import nn  # noqa: E402
+from training_helpers import assert_parity  # noqa: E402
 
-from training.combo_heads import (  # noqa: E402
+from training.heads import (  # noqa: E402
+    available_heads,
+    build_score_graph,
+    default_head,
+    default_head_of,
+    head_info,
+)
+from training.heads.combo import ComboGraph  # noqa: E402
+from training.heads.patch import PatchDistanceGraph, cell_statistics  # noqa: E402
+from training.patch_bank import (  # noqa: E402
+    PatchFeatures,
+    build_bank,
+    context_backbone,
+    early_layers,
+    greedy_coreset,
+    sample_candidates,
+)
+from training.protocol import (  # noqa: E402
     MIN_GAIN,
-    ComboGraph,
     choose_rule,
     combine,
     preferred,
@@ -29,24 +45,6 @@ from training.combo_heads import (  # noqa: E402
     pseudo_auroc,
     select_components,
 )
-from training.graphs import (  # noqa: E402
-    available_heads,
-    build_score_graph,
-    default_head,
-    default_head_of,
-    head_info,
-)
-from training.local_heads import (  # noqa: E402
-    PatchDistanceGraph,
-    PatchFeatures,
-    build_bank,
-    cell_statistics,
-    context_backbone,
-    early_layers,
-    greedy_coreset,
-    sample_candidates,
-)
-from training.onnx_graph import export_onnx  # noqa: E402
 
 
 def write_config(run_dir: Path, kind: str) -> Path:
@@ -74,28 +72,6 @@ def tiny_patch_graph(
     if held_out is None:
         return graph
     return PatchDistanceGraph(features, bank, grid, *cell_statistics(graph, held_out)).eval()
-
-
-def export_and_run(graph: nn.Module, frames: np.ndarray, path: Path) -> list[np.ndarray]:
-    """Export with the exporter `edgecase export` uses (dynamic batch axis), then run onnxruntime."""
-    with warnings.catch_warnings():
-        # The TorchScript exporter warns about its own deprecation; that is torch's business, not ours.
-        warnings.simplefilter("ignore")
-        export_onnx(graph, path, size=frames.shape[1])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"frames": frames})
-
-
-def assert_parity(graph: nn.Module, frames: np.ndarray, tmp_path: Path) -> None:
-    for batch in (1, 5):
-        with torch.no_grad():
-            ref = graph(torch.from_numpy(frames[:batch].copy()))
-        ref = ref if isinstance(ref, tuple) else (ref,)
-        got = export_and_run(graph, frames[:batch], tmp_path / f"g{batch}.onnx")
-        assert len(got) == len(ref)
-        for r, g in zip(ref, got, strict=True):
-            assert g.shape == tuple(r.shape)
-            np.testing.assert_allclose(g, r.numpy(), rtol=1e-4, atol=1e-5 * float(np.abs(r.numpy()).max()))
 
 
 # -- registry ----------------------------------------------------------------------------------------
@@ -127,7 +103,7 @@ def test_head_info_describes_each_head() -> None:
     patch = head_info("gan-patch")
     assert patch.kind == "gan" and patch.has_map and "nearest-neighbour" in patch.definition
     assert head_info("vae-elbo").kind == "vae"
-    assert callable(head_info("vae-combo").builder)
+    assert callable(head_info("vae-combo").build) and callable(head_info("vae-combo").fit)
 
 
 def test_the_default_head_of_each_kind_is_a_registered_head(tmp_path: Path) -> None:
@@ -213,7 +189,8 @@ def test_patch_head_with_context_exports_and_matches_onnxruntime(tmp_path: Path)
     features = PatchFeatures(backbone, channels=channels, dim=8)
     bank, grid = build_bank(features, normal_frames(24, seed=3), bank_size=16, radius=1, max_candidates=100)
     assert bank.shape == (16 * 16, 16, 8)
-    assert_parity(PatchDistanceGraph(features, bank, grid).eval(), edge_frames("blob", 5, seed=7), tmp_path)
+    graph = PatchDistanceGraph(features, bank, grid).eval()
+    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path / "graph.onnx", batches=(1, 5))
 
 
 def test_patch_head_finds_a_small_object_and_maps_where_it_is() -> None:
@@ -246,7 +223,7 @@ def test_patch_head_is_position_aware() -> None:
 
 def test_patch_head_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
     graph = tiny_patch_graph(normal_frames(24, seed=3))
-    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path)
+    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path / "graph.onnx", batches=(1, 5))
 
 
 def with_busy_corner(frames: np.ndarray, seed: int) -> np.ndarray:
@@ -287,7 +264,7 @@ def test_per_cell_statistics_centre_held_out_normals() -> None:
 
 def test_per_cell_normalised_patch_head_exports_and_matches_onnxruntime(tmp_path: Path) -> None:
     graph = tiny_patch_graph(normal_frames(24, seed=3), held_out=normal_frames(16, seed=8))
-    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path)
+    assert_parity(graph, edge_frames("blob", 5, seed=7), tmp_path / "graph.onnx", batches=(1, 5))
 
 
 def test_run_patch_head_caches_its_bank(gan_run: Path) -> None:
@@ -391,7 +368,7 @@ def test_run_combo_head_builds_records_its_choice_and_exports(gan_run: Path, tmp
     record = json.loads((gan_run / "banks" / "gan-combo.json").read_text())
     assert record["rule"] in ("max", "mean", "top2") and "gan-patch" in record["components"]
     assert set(record["pseudo_auroc_by_rule"]) == {"max", "mean", "top2"}
-    assert_parity(graph, edge_frames("fog", 5, seed=8), tmp_path)
+    assert_parity(graph, edge_frames("fog", 5, seed=8), tmp_path / "graph.onnx", batches=(1, 5))
 
 
 def test_combo_statistics_are_recomputed_when_a_component_changes(gan_run: Path) -> None:

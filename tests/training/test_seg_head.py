@@ -1,11 +1,11 @@
 """The DRAEM-style head ``<kind>-seg``: synthetic defects, a net that learns to find them, its cache,
-its export, and the held-out corruptions that judge it (training/seg_head.py, training/combo_heads.py).
+its export, and the held-out corruptions that judge it (training/heads/seg.py, training/seg_net.py,
+training/protocol.py).
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +15,13 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from eval_helpers import normal_frames, write_labelled_folder, write_tiny_gan_run  # noqa: E402
+from training_helpers import assert_parity  # noqa: E402
 
-from training.combo_heads import heldout_anomalies, pseudo_auroc  # noqa: E402
-from training.graphs import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
-from training.onnx_graph import export_onnx  # noqa: E402
+from training.heads import HeadUnavailable, available_heads, build_score_graph  # noqa: E402
+from training.heads.seg import SegGraph, load_reconstructor, resolve_steps  # noqa: E402
+from training.protocol import heldout_anomalies, pseudo_auroc  # noqa: E402
 from training.runs import load_config, save_config  # noqa: E402
-from training.seg_head import (  # noqa: E402
-    SegGraph,
-    blob_corruptions,
-    blob_mask,
-    load_reconstructor,
-    random_windows,
-    resolve_steps,
-    train_seg_net,
-)
+from training.seg_net import blob_corruptions, blob_mask, random_windows, train_seg_net  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +84,7 @@ def test_run_seg_head_trains_once_then_loads_from_its_cache(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached seg net was retrained")
 
-    monkeypatch.setattr("training.seg_head.train_seg_net", no_training)
+    monkeypatch.setattr("training.heads.seg.train_seg_net", no_training)
     second = build_score_graph(gan_run, "gan-seg")
     frames = torch.from_numpy(normal_frames(4, seed=11))
     with torch.no_grad():
@@ -100,16 +93,8 @@ def test_run_seg_head_trains_once_then_loads_from_its_cache(
 
 def test_seg_head_exports_and_matches_onnxruntime(gan_run: Path, tmp_path: Path) -> None:
     graph = build_score_graph(gan_run, "gan-seg")
-    frames = normal_frames(5, seed=12)
-    with torch.no_grad():
-        ref_score, ref_map = graph(torch.from_numpy(frames))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warning
-        export_onnx(graph, tmp_path / "seg.onnx", size=32)
-    session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
-    score, amap = session.run(None, {"frames": frames})
-    np.testing.assert_allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-4)
+    names = assert_parity(graph, normal_frames(5, seed=12), tmp_path / "seg.onnx")
+    assert names == ["score", "anomaly_map"]
 
 
 def test_a_run_trained_without_a_seg_head_says_so_and_its_combo_does_without(
@@ -155,7 +140,7 @@ def test_the_heldout_protocol_is_a_separate_choice(gan_run: Path) -> None:
 
 def test_both_trainers_default_to_the_seg_heads_own_step_count() -> None:
     from training.gan_train import GANConfig
-    from training.seg_head import STEPS
+    from training.seg_net import STEPS
     from training.vae_train import VAEConfig
 
     assert VAEConfig().seg_steps == GANConfig().seg_steps == STEPS

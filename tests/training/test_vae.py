@@ -16,19 +16,20 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from tests.training_helpers import road_frame
+from tests.training_helpers import assert_parity, road_frame
 from training import runs
 from training.complexity import ComplexityCoder, laplace_bits
-from training.onnx_graph import export_onnx
-from training.vae import VAE, nats_to_bits_per_dim, to_unit_range
-from training.vae_heads import (
-    VAE_HEAD_BUILDERS,
-    VAE_HEAD_INFO,
+from training.heads.vae import (
+    VAE_HEADS,
     ELBOHead,
     IWAEHead,
     ReconHead,
     load_vae,
 )
+from training.pixels import to_unit_range
+from training.vae import VAE, nats_to_bits_per_dim
+
+HEADS = {spec.name: spec for spec in VAE_HEADS}
 
 SIZE = 32
 
@@ -92,14 +93,14 @@ def test_elbo_terms_are_positive_nats_and_bits_per_dim_convert() -> None:
     assert (bpd > 1).all() and (bpd < 40).all()
 
 
-@pytest.mark.parametrize("head", sorted(VAE_HEAD_BUILDERS))
+@pytest.mark.parametrize("head", sorted(HEADS))
 def test_each_head_builds_from_the_run_dir_and_scores_any_batch(run_dir: Path, head: str) -> None:
-    graph = VAE_HEAD_BUILDERS[head](run_dir)
+    graph = HEADS[head].build(run_dir)
     frames = torch.from_numpy(road_frames(3))
     with torch.no_grad():
         out3 = graph(frames)
         out1 = graph(frames[:1])
-    has_map = VAE_HEAD_INFO[head]["has_map"]
+    has_map = HEADS[head].has_map
     assert isinstance(out3, tuple) == has_map
     score3, score1 = (out3[0], out1[0]) if has_map else (out3, out1)
     assert score3.shape == (3,) and score3.dtype == torch.float32 and torch.isfinite(score3).all()
@@ -112,8 +113,8 @@ def test_each_head_builds_from_the_run_dir_and_scores_any_batch(run_dir: Path, h
 def test_heads_are_deterministic(run_dir: Path) -> None:
     frames = torch.from_numpy(road_frames(2))
     with torch.no_grad():
-        a = VAE_HEAD_BUILDERS["vae-iwae"](run_dir)(frames)
-        b = VAE_HEAD_BUILDERS["vae-iwae"](run_dir)(frames)
+        a = HEADS["vae-iwae"].build(run_dir)(frames)
+        b = HEADS["vae-iwae"].build(run_dir)(frames)
     assert torch.equal(a, b)
 
 
@@ -210,8 +211,8 @@ def test_discretised_laplace_is_a_distribution() -> None:
 def test_complexity_head_is_elbo_minus_code_length(run_dir: Path) -> None:
     frames = torch.from_numpy(road_frames(2))
     with torch.no_grad():
-        elbo, elbo_map = VAE_HEAD_BUILDERS["vae-elbo"](run_dir)(frames)
-        score, diff_map = VAE_HEAD_BUILDERS["vae-complexity"](run_dir)(frames)
+        elbo, elbo_map = HEADS["vae-elbo"].build(run_dir)(frames)
+        score, diff_map = HEADS["vae-complexity"].build(run_dir)(frames)
         length, length_map = ComplexityCoder(SIZE)(frames)
     assert torch.allclose(score, elbo - length, rtol=1e-5, atol=1e-5)
     assert torch.allclose(diff_map, elbo_map - length_map, rtol=1e-5, atol=1e-4)
@@ -224,21 +225,11 @@ def test_complexity_head_is_elbo_minus_code_length(run_dir: Path) -> None:
 # seconds per graph; torch >= 2.9 flags it (and its logging setup) with DeprecationWarnings we expect.
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-@pytest.mark.parametrize("head", sorted(VAE_HEAD_BUILDERS))
+@pytest.mark.parametrize("head", sorted(HEADS))
 def test_heads_export_to_onnx_with_a_dynamic_batch(run_dir: Path, tmp_path: Path, head: str) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    graph = VAE_HEAD_BUILDERS[head](run_dir)
-    has_map = VAE_HEAD_INFO[head]["has_map"]
-    path = tmp_path / f"{head}.onnx"
-    outputs, _ = export_onnx(graph, path, size=road_frames(1).shape[1])  # the exporter `edgecase export` uses
+    pytest.importorskip("onnxruntime")
+    graph = HEADS[head].build(run_dir)
+    has_map = HEADS[head].has_map
+    frames = np.concatenate([road_frames(1, seed=11), road_frames(3, seed=13)])
+    outputs = assert_parity(graph, frames, tmp_path / f"{head}.onnx", batches=(1, 4))
     assert outputs == (["score", "anomaly_map"] if has_map else ["score"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for n in (1, 3):
-        frames = road_frames(n, seed=n + 10)
-        got = session.run(None, {"frames": frames})
-        with torch.no_grad():
-            want = graph(torch.from_numpy(frames))
-        want = want if isinstance(want, tuple) else (want,)
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-4)

@@ -13,12 +13,8 @@ Heads (higher = more anomalous):
   this family of score the strongest single head; a kNN distance needs no density model, so smooth
   low-complexity frames (fog, rain) are not mistaken for likely ones (Nalisnick et al. 2019).
 
-Measured on a default run (``edgecase synth --out S --size 64 --n-normal 8000 --n-val 500
---n-test-normal 400 --n-per-family 100 --seed 0``; ``edgecase train gan --data S``; ``edgecase
-evaluate``), mean AUROC over the 11 families: gan-dfeat-knn 0.834 (fog 0.999, rain 0.921, night,
-snow, sensor faults 1.0; animal 0.52, pedestrian 0.55), gan-disc 0.809, gan-feat 0.759, against
-pixel kNN 0.775, IsolationForest 0.771, PCA 0.562. Small objects stay near chance for every global
-score: that needs local evidence (the ``gan-patch`` head).
+Small objects stay near chance for every global score: that needs local evidence (the ``gan-patch``
+head). Accuracy of each head: docs/benchmarks.md, "## Accuracy".
 
 ``load_gan(run_dir)`` and ``pooled_dfeatures`` are public: other heads (patch, combo) reuse them.
 """
@@ -26,7 +22,6 @@ score: that needs local evidence (the ``gan-patch`` head).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.dcgan import DCGAN, Discriminator, Encoder, Generator, fold_spectral_norm, to_model_input
+from training.dcgan import DCGAN, Discriminator, Encoder, Generator, fold_spectral_norm
+from training.heads.base import HeadSpec
+from training.pixels import to_unit_range
 from training.runs import load_model_file
 
 log = logging.getLogger(__name__)
@@ -95,7 +92,7 @@ class DiscScoreGraph(nn.Module):
         self.discriminator = discriminator.eval()
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return F.softplus(-self.discriminator(to_model_input(frames)))
+        return F.softplus(-self.discriminator(to_unit_range(frames)))
 
 
 class FeatResidualGraph(nn.Module):
@@ -111,7 +108,7 @@ class FeatResidualGraph(nn.Module):
         self.kappa = float(kappa)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_input(frames)
+        x = to_unit_range(frames)
         rec = self.generator(self.encoder(x))
         pixel = (x - rec).pow(2)  # [N, 3, H, W]
         feat = (self.discriminator.features(x)[-1] - self.discriminator.features(rec)[-1]).pow(2)
@@ -131,7 +128,7 @@ class DFeatKnnGraph(nn.Module):
         self.k = int(min(k, len(bank)))  # a constant, so topk exports with a fixed k
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        feats = pooled_dfeatures(self.discriminator, to_model_input(frames))
+        feats = pooled_dfeatures(self.discriminator, to_unit_range(frames))
         nearest = torch.topk(feats @ self.bank_t, self.k, dim=1).values  # [N, k] cosine similarities
         return (1.0 - nearest).mean(dim=1)
 
@@ -157,7 +154,7 @@ def compute_dfeat_bank(
     out = []
     for start in tqdm(range(0, len(idx), batch_size), desc="D-feature bank", unit="batch", leave=False):
         batch = torch.from_numpy(frames[idx[start : start + batch_size]]).to(device)
-        out.append(pooled_dfeatures(discriminator, to_model_input(batch)).cpu())
+        out.append(pooled_dfeatures(discriminator, to_unit_range(batch)).cpu())
     discriminator.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
 
@@ -204,28 +201,33 @@ def build_gan_dfeat_knn(run_dir: Path) -> nn.Module:
     return DFeatKnnGraph(model.discriminator, bank, int(config.get("knn_k", DEFAULT_KNN_K))).eval()
 
 
-GAN_HEAD_BUILDERS: dict[str, Callable[[Path], nn.Module]] = {
-    "gan-disc": build_gan_disc,
-    "gan-feat": build_gan_feat,
-    "gan-dfeat-knn": build_gan_dfeat_knn,
-}
-
-GAN_HEAD_INFO: dict[str, dict[str, Any]] = {
-    "gan-disc": {
-        "units": "nats",
-        "definition": "-log D(x): the discriminator's negative log-probability that the frame is real",
-        "has_map": False,
-    },
-    "gan-feat": {
-        "units": "mean squared residual",
-        "definition": "f-AnoGAN izi_f (Schlegl et al. 2019): mean |x - G(E(x))|^2 over pixels plus kappa "
+GAN_HEADS = [
+    HeadSpec(
+        name="gan-disc",
+        kind="gan",
+        units="nats",
+        definition="-log D(x): the discriminator's negative log-probability that the frame is real",
+        has_map=False,
+        build=build_gan_disc,
+    ),
+    HeadSpec(
+        name="gan-feat",
+        kind="gan",
+        units="mean squared residual",
+        definition="f-AnoGAN izi_f (Schlegl et al. 2019): mean |x - G(E(x))|^2 over pixels plus kappa "
         "times mean squared discriminator-feature residual; map = per-pixel residual summed over channels",
-        "has_map": True,
-    },
-    "gan-dfeat-knn": {
-        "units": "cosine distance",
-        "definition": "mean cosine distance to the k nearest training normals in discriminator-feature "
+        has_map=True,
+        build=build_gan_feat,
+    ),
+    # The D-feature bank is part of training (phase 3 of training/gan_train.py, on the frames the
+    # GAN trained on), so this head has no fit step of its own.
+    HeadSpec(
+        name="gan-dfeat-knn",
+        kind="gan",
+        units="cosine distance",
+        definition="mean cosine distance to the k nearest training normals in discriminator-feature "
         "space (per-stage channel mean and std of D's feature maps)",
-        "has_map": False,
-    },
-}
+        has_map=False,
+        build=build_gan_dfeat_knn,
+    ),
+]

@@ -7,25 +7,18 @@ buffers fixed at build time (so a frame always gets the same score, in torch and
 - ``vae-elbo``: negative ELBO (Kingma & Welling 2014) in bits/dim, reconstruction at the posterior
   mean plus the closed-form KL; map = reconstruction NLL per pixel (bits, summed over channels).
 - ``vae-recon``: mean squared reconstruction error at z = mu; map = squared error per pixel summed
-  over channels; score = the mean of the map over pixels / 3 (the plain MSE, the issue's "reconstruction
-  error"). Alternatives were measured on the validation protocol of training/combo_heads.py (300
-  validation normals against the same frames with CutPaste / noise-patch corruptions; no edge-case
-  family involved). Mean / top-1% of pixels / max of the 5x5-averaged map / top-1% of that map:
-  0.637 / 0.593 / 0.585 / 0.610 after 2 epochs, 0.659 / 0.618 / 0.636 / 0.653 after 5, and
-  0.698 / 0.682 / 0.733 / 0.735 for the default 21-epoch run. The pooled rules win only for the
-  well-trained model, and the protocol's pseudo-anomalies are all local patches, so it favours
-  local rules by construction and cannot see global changes (weather, exposure, sensor faults);
-  the mean is kept as the definition, and local evidence is left to the patch head (vae-patch).
+  over channels; score = the mean of the map over pixels / 3 (the plain MSE). The mean is kept over
+  pooled or top-k reductions: the validation protocol's pseudo-anomalies are all local patches, so
+  it favours local rules by construction and cannot see global changes (weather, exposure, sensor
+  faults); local evidence is the patch head's job (measurements: docs/benchmarks.md, "Score-head
+  design history").
 - ``vae-iwae``: importance-weighted bound on -log p(x) (Burda et al., ICLR 2016) with K fixed noise
   draws, bits/dim: -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)); tighter than the ELBO, more so with K.
 - ``vae-complexity``: Serrà et al. (ICLR 2020): S(x) = -log2 p(x) - L(x) in bits/dim, with the
   negative ELBO of ``vae-elbo`` for -log2 p(x) and L(x) from the in-graph lossless coder of
   training/complexity.py; map = the per-pixel difference of the two code lengths.
-  Measured on the synth generator at 64 px (the default run, 21 epochs; 100 test frames a family
-  against 1,000 test normals): plain ELBO is *not* inverted there (fog 0.86, rain 0.80 AUROC), and
-  the correction does not help (fog 0.85, rain 0.63; mean over the 11 families 0.76 against 0.82
-  for the ELBO): rain streaks raise the frame's code length more than the VAE's. It is kept as the
-  remedy for data where smooth frames do look likely (Nalisnick et al. 2019).
+  It is the remedy for data where smooth frames look likely (Nalisnick et al. 2019); on the synth
+  generator it does not beat the plain ELBO (docs/benchmarks.md, "Score-head design history").
 """
 
 from __future__ import annotations
@@ -38,8 +31,10 @@ import torch
 from torch import nn
 
 from training.complexity import ComplexityCoder
+from training.heads.base import HeadSpec
+from training.pixels import to_unit_range
 from training.runs import load_model_file
-from training.vae import VAE, to_unit_range
+from training.vae import VAE
 
 _LN2 = math.log(2.0)
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -171,32 +166,37 @@ def build_complexity(run_dir: Path) -> nn.Module:
     return ComplexityHead(load_vae(run_dir)[0]).eval()
 
 
-VAE_HEAD_BUILDERS = {
-    "vae-elbo": build_elbo,
-    "vae-recon": build_recon,
-    "vae-iwae": build_iwae,
-    "vae-complexity": build_complexity,
-}
-
-VAE_HEAD_INFO: dict[str, dict[str, Any]] = {
-    "vae-elbo": {
-        "units": "bits/dim",
-        "definition": "negative ELBO: reconstruction NLL at z = mu (discretised logistic) + KL, per dim",
-        "has_map": True,
-    },
-    "vae-recon": {
-        "units": "mean squared error (pixels in [-1, 1])",
-        "definition": "|x - decode(mu)|^2; map summed over channels, score = map mean / 3 (the MSE)",
-        "has_map": True,
-    },
-    "vae-iwae": {
-        "units": "bits/dim",
-        "definition": f"importance-weighted bound on -log p(x), K = {IWAE_SAMPLES} fixed noise draws",
-        "has_map": False,
-    },
-    "vae-complexity": {
-        "units": "bits/dim",
-        "definition": "negative ELBO minus lossless predictive-coder length (Serra et al. 2020)",
-        "has_map": True,
-    },
-}
+VAE_HEADS = [
+    HeadSpec(
+        name="vae-elbo",
+        kind="vae",
+        units="bits/dim",
+        definition="negative ELBO: reconstruction NLL at z = mu (discretised logistic) + KL, per dim",
+        has_map=True,
+        build=build_elbo,
+    ),
+    HeadSpec(
+        name="vae-recon",
+        kind="vae",
+        units="mean squared error (pixels in [-1, 1])",
+        definition="|x - decode(mu)|^2; map summed over channels, score = map mean / 3 (the MSE)",
+        has_map=True,
+        build=build_recon,
+    ),
+    HeadSpec(
+        name="vae-iwae",
+        kind="vae",
+        units="bits/dim",
+        definition=f"importance-weighted bound on -log p(x), K = {IWAE_SAMPLES} fixed noise draws",
+        has_map=False,
+        build=build_iwae,
+    ),
+    HeadSpec(
+        name="vae-complexity",
+        kind="vae",
+        units="bits/dim",
+        definition="negative ELBO minus lossless predictive-coder length (Serra et al. 2020)",
+        has_map=True,
+        build=build_complexity,
+    ),
+]
