@@ -190,8 +190,9 @@ def _push(url: str, summary: RunSummary) -> bool:
             f"edgecase score: could not push to {url}: {exc} (the output in --out is complete)",
             file=sys.stderr,
         )
-    else:
-        print(f"pushed the run's totals to {url} (job edgecase_score)")
+        return False
+    print(f"pushed the run's totals to {url} (job edgecase_score)")
+    return True
 
 
 def _score_local(

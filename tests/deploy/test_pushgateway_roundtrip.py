@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -108,6 +109,43 @@ def test_an_instance_label_keeps_concurrent_runs_apart(gateway: str) -> None:
     push_run(gateway, {**SUMMARY, "model": "split", "frames": 7}, instance="cars-b")
     assert pushed(gateway, names.BATCH_FRAMES, model="split", instance="cars-a") == 5
     assert pushed(gateway, names.BATCH_FRAMES, model="split", instance="cars-b") == 7
+
+
+def scoring_run(tmp_path, values: list[int]) -> list[str]:
+    """A published brightness model and one tar shard of solid frames: ``edgecase score`` arguments."""
+    from service_helpers import publish_model
+
+    from contract.writers import open_writer
+
+    publish_model(tmp_path / "models", "pushed-cli", 2, size=8, threshold=0.5)
+    with open_writer(tmp_path / "data", "tar", "test") as writer:
+        for i, value in enumerate(values):
+            writer.write(f"test/x/x_{i:06d}", np.full((8, 8, 3), value, dtype=np.uint8), {})
+    return [
+        "score", "--repo", str(tmp_path / "models"), "--model", "pushed-cli", "--data",
+        str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--no-progress",
+    ]  # fmt: skip
+
+
+def test_edgecase_score_pushes_the_totals_of_its_summary(gateway: str, tmp_path) -> None:
+    from edgecase.cli import main
+
+    args = scoring_run(tmp_path, [10, 200, 250])
+    assert main([*args, "--pushgateway", gateway]) == 0
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    group = {"job": "edgecase_score", "model": "pushed-cli", "version": "2"}
+    assert pushed(gateway, names.BATCH_FRAMES, **group) == summary["frames"] == 3
+    assert pushed(gateway, names.BATCH_EDGE_CASES, **group) == summary["edge_cases"] == 2
+    assert pushed(gateway, names.BATCH_LAST_SUCCESS, **group) is not None
+
+
+def test_edgecase_score_exits_1_when_the_push_fails_and_keeps_its_output(tmp_path, capsys) -> None:
+    from edgecase.cli import main
+
+    args = scoring_run(tmp_path, [10, 200])
+    assert main([*args, "--pushgateway", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "could not push" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["exit_status"] == 0
 
 
 def test_an_unreachable_gateway_is_a_clear_error() -> None:
