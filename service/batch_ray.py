@@ -34,9 +34,6 @@ from contract.storage import RemotePath, make_dirs
 from service.batch_output import ShardRows, model_metadata, write_summary
 from service.batch_pipeline import decode_batch
 from service.batch_scoring import (
-    BatchOptions,
-    RunSummary,
-    ShardResult,
     _finish,
     _json_safe,
     _Open,
@@ -46,6 +43,7 @@ from service.batch_scoring import (
     load_model,
     rows_of_batch,
 )
+from service.batch_summary import BatchOptions, RunSummary, ShardResult
 from service.flag_store import FlagStore
 from service.registry import LoadedModel
 

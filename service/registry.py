@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError, file_entry, load_manifest
 from contract.repository import list_versions, version_of
-from contract.sessions import open_session
+from contract.sessions import open_session, resolve_providers
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +39,6 @@ _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 class ModelLoadError(Exception):
     """A model version that cannot serve: the message names the file and what is wrong with it."""
-
-
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, with CPU as the fallback onnxruntime always has."""
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def resolve_providers(requested: Sequence[str] | None) -> list[str]:
-    """The providers to ask for: `requested` minus those this build lacks (logged), CPU always last."""
-    if not requested:
-        return default_providers()
-    available = set(ort.get_available_providers())
-    missing = [p for p in requested if p not in available]
-    if missing:
-        log.warning("execution providers %s are not in this onnxruntime build; skipping them", missing)
-    chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
-    return [*chosen, "CPUExecutionProvider"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from edgecase.commands import add_command
 if TYPE_CHECKING:
     from contract.shards import Shard
     from contract.storage import RemotePath
-    from service.batch_scoring import BatchOptions, RunSummary
+    from service.batch_summary import BatchOptions, RunSummary
     from service.flag_store import FlagStore
     from service.registry import LoadedModel
 
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from contract.storage import as_location
     from edgecase.cli import CliError
     from edgecase.commands.flagged import open_store
-    from service.batch_scoring import BatchOptions, load_model
+    from service.batch_scoring import load_model
+    from service.batch_summary import BatchOptions
     from service.registry import ModelLoadError
 
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)

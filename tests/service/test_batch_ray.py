@@ -19,7 +19,8 @@ from service_helpers import publish_model
 from contract.shards import list_shards
 from contract.writers import open_writer
 from edgecase.cli import main
-from service.batch_scoring import BatchOptions, score_shards
+from service.batch_scoring import score_shards
+from service.batch_summary import BatchOptions
 from service.flagged import FlaggedStore
 from service.registry import ModelRegistry
 

@@ -21,7 +21,8 @@ from contract.shards import list_shards
 from contract.writers import open_writer
 from edgecase.cli import main
 from service.batch_output import COLUMNS
-from service.batch_scoring import BatchOptions, score_shards
+from service.batch_scoring import score_shards
+from service.batch_summary import BatchOptions
 from service.flagged import FlaggedStore
 from service.registry import ModelRegistry
 

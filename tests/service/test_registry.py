@@ -18,8 +18,9 @@ from onnx import TensorProto, helper
 
 from contract.manifest import Manifest, file_entry, quantiles_of
 from contract.repository import list_versions
+from contract.sessions import default_providers
 from service import registry as registry_module
-from service.registry import ModelLoadError, ModelRegistry, default_providers
+from service.registry import ModelLoadError, ModelRegistry
 
 SIZE = 8
 
