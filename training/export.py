@@ -21,11 +21,13 @@ module chooses the frames, calibrates and publishes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,12 +87,25 @@ DEFAULT_TARGET_FPR = 0.01
 # ---- the repository ------------------------------------------------------------------------------
 
 
-def make_temp_dir(model_dir: Path) -> Path:
-    """A dot-folder beside the versions: invisible to the registry, on the same filesystem for rename."""
+@contextlib.contextmanager
+def staging(model_dir: Path) -> Iterator[Path]:
+    """A dot-folder beside the versions (invisible to the registry, on the same filesystem for rename).
+
+    If the block fails, the folder goes, and so does ``model_dir`` when this made it and it is still
+    empty: a failed export leaves nothing behind in the repository.
+    """
+    made = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: another export published meanwhile
+                model_dir.rmdir()
+        raise
 
 
 def publish(tmp: Path, model_dir: Path, manifest: Manifest, version: int | None = None) -> Path:
@@ -171,8 +186,7 @@ def export_graph(
     if version is not None and (model_dir / str(version)).exists():
         raise ExportError(f"{model_dir / str(version)} already exists; published versions are never modified")
     graph = graph.eval()
-    tmp = make_temp_dir(model_dir)
-    try:
+    with staging(model_dir) as tmp:
         print(f"[2/5] exporting to ONNX (opset {opset}, variant {variant})", flush=True)
         fp32_path = tmp / ".fp32.onnx"
         names, exporter = export_onnx(graph, fp32_path, size, opset)
@@ -227,9 +241,6 @@ def export_graph(
         )
         print(f"[5/5] publishing to {model_dir}", flush=True)
         target = publish(tmp, model_dir, manifest, version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"published {target}: threshold {cal.threshold:.6g} at FPR {target_fpr:g}")
     print(f"AUROC {evaluation['auroc']:.3f} on {len(normals)} normals vs {len(edges)} edge-case frames")
     return target
@@ -302,8 +313,7 @@ def recalibrate(
     if file_entry(src) != old.files[MODEL_FILE]:
         raise ExportError(f"{src}: does not match its manifest's sha256/size; refusing to copy it")
     model_dir = version_dir.parent
-    tmp = make_temp_dir(model_dir)
-    try:
+    with staging(model_dir) as tmp:
         shutil.copyfile(src, tmp / MODEL_FILE)
         copied = file_entry(tmp / MODEL_FILE)
         if copied != old.files[MODEL_FILE]:
@@ -323,9 +333,6 @@ def recalibrate(
         }
         manifest = Manifest.model_validate({**old.model_dump(), **{k: _dump(v) for k, v in update.items()}})
         target = publish(tmp, model_dir, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"published {target} (threshold {cal.threshold:.6g} at FPR {target_fpr:g})")
     return target
 

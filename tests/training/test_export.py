@@ -178,8 +178,15 @@ def test_a_failed_check_publishes_nothing(tmp_path: Path) -> None:
         pytest.raises(ExportError, match="torch vs onnxruntime scores differ"),
     ):
         export_tiny(tmp_path, graph=BakesTheBatchSize())
-    assert list((tmp_path / "tiny").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even an empty model folder
     assert ModelRegistry(tmp_path).scan() == {}
+
+
+def test_a_failed_export_keeps_the_versions_already_published(tmp_path: Path) -> None:
+    export_tiny(tmp_path)
+    with pytest.warns(torch.jit.TracerWarning), pytest.raises(ExportError):
+        export_tiny(tmp_path, graph=BakesTheBatchSize())
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["1"]
 
 
 def test_export_refuses_empty_frame_sets(tmp_path: Path) -> None:
