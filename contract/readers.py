@@ -131,8 +131,17 @@ def _walk_folder(root: Path | RemotePath) -> list[tuple[str, Path | RemotePath, 
                 found.append((relative, location, kind))
         found.sort(key=lambda item: item[0])
         return found
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+    # Symbolic links to folders are followed (a data folder is often a link to a mounted disk), each
+    # real folder once, so a link cycle ends.
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for name in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(name)
+        dirnames[:] = keep
         for name in filenames:
             if name.startswith("."):
                 continue  # hidden files, including writers' in-progress .tmp files

@@ -5,7 +5,8 @@ and the loops index arrays; no DataLoader workers are needed on a 2-core machine
 
 Sources (``--data``, several allowed; they concatenate, so frames reviewed as normal join a later run):
 - a *labelled folder* (has ``labels.csv``, e.g. written by ``edgecase synth``): normal frames of its
-  ``train`` split train, normal frames of its ``val`` split validate (early stopping, calibration).
+  ``train`` split train, normal frames of its ``val`` split validate (early stopping, calibration);
+  without a ``val`` split a seeded share of ``train`` is held out for that (never trained on).
   Frames of other families and of the ``test`` split are never used for training. A labelled folder
   without train/val rows contributes all its normal frames, split by seed like an unlabelled source;
 - anything else (image folder, ``.tar`` shard, ``.parquet`` file): every frame, split deterministically
@@ -108,9 +109,22 @@ def _load_labelled_source(
         tr, va = _seeded_split(len(arr), val_fraction, seed)
         return arr[tr], arr[va], True
     n_val = None if limit is None else max(1, math.ceil(limit * val_fraction))
+    if not val_keys:
+        # A train split and no val split: validating and calibrating on the training frames would set
+        # the threshold too low, so a seeded share of the train split is held out instead.
+        budget = None if limit is None or n_val is None else limit + n_val
+        _, frames = _read(folder, size, train_keys, budget, f"read {folder.name} train")
+        arr = _stack(frames, size)
+        tr, va = _seeded_split(len(arr), val_fraction, seed)
+        log.warning(
+            "%s has a train split and no val split: %d of its %d train frames (seed %d) are held out "
+            "for validation and calibration, not trained on",
+            folder, len(va), len(arr), seed,
+        )  # fmt: skip
+        return arr[tr], arr[va], True
     # Two filtered passes keep the early stop per split simple; readers skip unwanted keys undecoded.
     _, train = _read(folder, size, train_keys, limit, f"read {folder.name} train")
-    _, val = _read(folder, size, val_keys, n_val, f"read {folder.name} val") if val_keys else ([], [])
+    _, val = _read(folder, size, val_keys, n_val, f"read {folder.name} val")
     return _stack(train, size), _stack(val, size), True
 
 

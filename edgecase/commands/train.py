@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="DIR_OR_SHARDS",
-        help="folder, .tar shard or .parquet of normal frames, or an `edgecase synth` folder (repeatable)",
+        help="folder, .tar shard or .parquet of normal frames, or an `edgecase synth` folder (repeatable); "
+        "a labelled folder's val split validates and calibrates, and without one a seeded share of its "
+        "train split is held out for that; symbolic links to folders are followed",
     )
     parser.add_argument(
         "--out", required=True, metavar="RUN_DIR", help="run directory to create (or --resume)"

@@ -24,6 +24,29 @@ def test_synth_folder_trains_on_its_train_split_and_validates_on_val(tmp_path: P
     assert data.sources == [str(folder)]
 
 
+def test_a_train_split_without_val_holds_out_a_seeded_share_never_trained_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_tiny_synth(tmp_path / "synth", n_train=20, n_val=0, n_test=2)
+    data = load_training_frames([folder], 32, seed=3, val_fraction=0.25)
+    again = load_training_frames([folder], 32, seed=3, val_fraction=0.25)
+    assert (len(data.train), len(data.val)) == (15, 5)
+    assert not {row.tobytes() for row in data.train} & {row.tobytes() for row in data.val}
+    assert np.array_equal(data.val, again.val) and data.labels == ["normal"] * 5
+    assert "no val split: 5 of its 20 train frames (seed 3) are held out" in caplog.text
+
+
+def test_a_data_folder_behind_a_symbolic_link_is_read(tmp_path: Path) -> None:
+    folder = write_tiny_synth(tmp_path / "disk" / "synth", n_train=6, n_val=2)
+    (tmp_path / "link").symlink_to(folder)  # the folder itself is a link
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "run-1").symlink_to(folder / "train")  # a link inside a plain folder
+    (tmp_path / "outer" / "loop").symlink_to(tmp_path / "outer")  # a cycle ends
+    assert len(load_training_frames([tmp_path / "link"], 32).train) == 6
+    linked = load_training_frames([tmp_path / "outer"], 32, val_fraction=0.5)
+    assert len(linked.train) + len(linked.val) == 6
+
+
 def test_frames_are_resized_to_the_requested_size(tmp_path: Path) -> None:
     folder = write_tiny_synth(tmp_path / "synth", size=40, n_train=3, n_val=2)
     data = load_training_frames([folder], 32)
