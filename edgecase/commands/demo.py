@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 from edgecase.commands import add_command
 
@@ -31,9 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=64, help="frame size in pixels (square)")
     parser.add_argument("--n-normal", type=int, default=4000, help="normal training frames to synthesise")
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget (wall clock)")
-    parser.add_argument("--head", default="vae-elbo", help="score head to export and serve")
     parser.add_argument(
-        "--per-family", type=int, default=6, help="test frames per family sent to the service"
+        "--head", default=None, help="score head to export and serve (default: the run's best head)"
+    )
+    parser.add_argument(
+        "--per-family", type=int, default=6, help="test frames per edge-case family sent to the service"
+    )
+    parser.add_argument(
+        "--normals",
+        type=int,
+        default=200,
+        help="normal test frames sent to the service, for the realised false-positive rate",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run)
@@ -51,16 +60,22 @@ def _cli(*argv: str) -> None:
         raise CliError(f"step `edgecase {' '.join(argv)}` failed with exit code {code}")
 
 
-def _sample_frames(data: Path, per_family: int) -> list[tuple[str, str, Path]]:
-    """Pick test frames of every family (normal included) from a synth folder: (key, family, file)."""
+def _sample_frames(data: Path, per_family: int, normals: int) -> list[tuple[str, str, Path]]:
+    """Pick test frames of every family from a synth folder, normals first: (key, family, file)."""
     by_family: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)
     with open(data / "labels.csv", newline="") as fh:
         for row in csv.DictReader(fh):
-            if row["split"] == "test" and len(by_family[row["family"]]) < per_family:
+            wanted = normals if row["family"] == "normal" else per_family
+            if row["split"] == "test" and len(by_family[row["family"]]) < wanted:
                 by_family[row["family"]].append((row["key"], row["family"], data / row["path"]))
     return [
         item for family in sorted(by_family, key=lambda f: (f != "normal", f)) for item in by_family[family]
     ]
+
+
+def _target_fpr(models: dict[str, Any], name: str) -> float:
+    """The served model's target false-positive rate, from the body of GET /models."""
+    return float(next(m["target_fpr"] for m in models["models"] if m["name"] == name))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,15 +101,20 @@ def run(args: argparse.Namespace) -> int:
     if (run_dir / "model.pt").exists():
         print(f"reusing {run_dir} (delete it to retrain)")
     else:
-        # The seg head's net costs about 20 more minutes; train it only when the served head uses it.
-        seg = [] if args.head in ("vae-seg", "vae-combo") else ["--seg-steps", "0"]
+        # The seg head's net costs about 20 more minutes: trained only when asked for by --head; without
+        # it the run's best head is vae-combo over the VAE's own heads.
+        seg = [] if args.head == "vae-seg" else ["--seg-steps", "0"]
         _cli("train", "vae", "--data", str(data), "--out", str(run_dir), "--size", str(args.size),
              "--max-minutes", str(args.minutes), "--seed", str(args.seed), *seg)  # fmt: skip
     print(f"plots: {run_dir / 'plots'}")
 
-    _step(3, f"export head {args.head} to ONNX, check parity, calibrate -> {repo}")
-    name = f"demo-{args.head}"
-    _cli("export", str(run_dir), "--head", args.head, "--repo", str(repo), "--name", name)
+    from training.heads import default_head_of
+
+    head = args.head or default_head_of(run_dir)
+    why = "" if args.head else " (the run's best head)"
+    _step(3, f"export head {head}{why} to ONNX, check parity, calibrate -> {repo}")
+    name = f"demo-{head}"
+    _cli("export", str(run_dir), "--head", head, "--repo", str(repo), "--name", name)
 
     from service.launch import free_port, wait_serving
 
@@ -128,20 +148,29 @@ def run(args: argparse.Namespace) -> int:
         print(httpx.get(f"{base}/models", timeout=10).json())
 
         _step(5, "score test frames of every family over HTTP (POST /score)")
-        frames = _sample_frames(data, args.per_family)
+        frames = _sample_frames(data, args.per_family, args.normals)
         scored: Counter[str] = Counter()
         flagged: Counter[str] = Counter()
         with httpx.Client(base_url=base, timeout=60) as client:
-            for key, family, path in frames:
-                files = [("files", (key.replace("/", "_") + ".png", path.read_bytes(), "image/png"))]
+            for start in range(0, len(frames), 32):  # up to 32 frames a request, as a fleet client would
+                chunk = frames[start : start + 32]
+                files = [
+                    ("files", (key.replace("/", "_") + ".png", path.read_bytes(), "image/png"))
+                    for key, _, path in chunk
+                ]
                 response = client.post("/score", files=files)
                 response.raise_for_status()
-                result = response.json()["results"][0]
-                scored[family] += 1
-                flagged[family] += bool(result["is_edge_case"])
-        print(f"{'family':<14}{'sent':>6}{'flagged':>9}")
+                for (_, family, _), result in zip(chunk, response.json()["results"], strict=True):
+                    scored[family] += 1
+                    flagged[family] += bool(result["is_edge_case"])
+        target = httpx.get(f"{base}/models", timeout=10).json()
+        print(f"{'family':<14}{'flagged':>8}{'of':>5}")
         for family in scored:
-            print(f"{family:<14}{scored[family]:>6}{flagged[family]:>9}")
+            print(f"{family:<14}{flagged[family]:>8}{scored[family]:>5}")
+        if scored["normal"]:
+            fpr = flagged["normal"] / scored["normal"]
+            print(f"realised false-positive rate on {scored['normal']} normal test frames: {fpr:.1%} "
+                  f"(target {_target_fpr(target, name):.1%})")  # fmt: skip
 
         _step(6, "what was flagged, and where it is kept")
         listing = httpx.get(f"{base}/flagged", params={"limit": 5}, timeout=10).json()

@@ -200,8 +200,15 @@ def test_export_refuses_empty_frame_sets(tmp_path: Path) -> None:
 def test_relative_difference_is_relative_above_eps_and_absolute_below() -> None:
     np.testing.assert_allclose(rel_diff([100.01, -2.0], [100.0, -2.0]), [1e-4 / 1.0001, 0.0])
     np.testing.assert_allclose(rel_diff([0.0], [1e-7], eps=1e-3), [1e-4])
-    assert parity_eps([0.1, -0.5, 2.0]) == 0.5  # the typical |score| of a normal frame
+    assert parity_eps([5000.0, 5000.1, 5000.2]) == 5000.1  # ELBO-sized: the typical |score|
     assert parity_eps([0.0, 0.0]) == MIN_PARITY_EPS
+    # z-score combinations centre on zero: the scale is their spread (10 x IQR), not their size.
+    z = np.random.default_rng(0).normal(size=400)
+    iqr = float(np.subtract(*np.percentile(z, [75, 25])))
+    assert parity_eps(z) == pytest.approx(10 * iqr)
+    # float32 rounding of a score near zero passes; a real divergence (a tenth of the spread) does not.
+    assert rel_diff([0.002], [0.002 + 3e-5], eps=parity_eps(z)).max() < 1e-4
+    assert rel_diff([0.5], [0.5 + 0.1 * iqr], eps=parity_eps(z)).max() > 1e-4
 
 
 class Expm1Graph(nn.Module):
