@@ -34,6 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.flag_rules import (
+    PreparedFlag,
+    as_epoch,
+    check_label,
+    check_list_args,
+    prepare_flags,
+)
 from service.flag_store import (
     RETENTION_ORDER,
     REVIEW_LABELS,
@@ -43,15 +50,10 @@ from service.flag_store import (
     FlagStore,
     ImageMissingError,
     NewFlag,
-    PreparedFlag,
     Retention,
     ReviewLabel,
     ReviewState,
     StoreStats,
-    as_epoch,
-    check_label,
-    check_list_args,
-    prepare_flags,
 )
 from service.image_files import ImageFiles
 

@@ -33,6 +33,12 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from service.flag_rules import (
+    as_epoch,
+    check_label,
+    check_list_args,
+    prepare_flags,
+)
 from service.flag_store import (
     RETENTION_ORDER,
     FlaggedNotFoundError,
@@ -42,10 +48,6 @@ from service.flag_store import (
     NewFlag,
     Retention,
     StoreStats,
-    as_epoch,
-    check_label,
-    check_list_args,
-    prepare_flags,
 )
 from service.image_files import ImageFiles
 from service.object_images import ObjectImages, is_object_url

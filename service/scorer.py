@@ -189,7 +189,8 @@ async def _flag(
     indices = [int(i) for i in np.flatnonzero(edge)]
     if not indices or store is None:
         return {}
-    from service.flag_store import NewFlag, bounded_image  # loaded only when a store exists
+    from service.flag_rules import bounded_image  # loaded only when a store exists
+    from service.flag_store import NewFlag
 
     def build_and_add() -> list[Any]:
         flags = []

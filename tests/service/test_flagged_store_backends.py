@@ -373,7 +373,7 @@ def test_the_settings_choose_the_backend_and_refuse_half_a_shared_store(tmp_path
 
 
 def test_the_stored_bytes_rule() -> None:
-    from service.flag_store import bounded_image
+    from service.flag_rules import bounded_image
 
     frame = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     png = encode_png(frame)

@@ -239,7 +239,9 @@ def test_exported_normals_are_read_as_training_frames(store: FlaggedStore, tmp_p
         store.review(add(store, seed=seed).id, "normal")
     store.export("normal", tmp_path / "reviewed")
     data = load_training_frames([tmp_path / "reviewed"], size=4)
-    assert data.train.shape == (3, 4, 4, 3) and data.train.dtype == np.uint8
+    # The export is a train split; a seeded share of it is held out to validate and calibrate.
+    assert data.train.shape == (2, 4, 4, 3) and data.train.dtype == np.uint8
+    assert data.val.shape == (1, 4, 4, 3)
 
 
 def test_the_flagged_command_reviews_lists_and_exports(
