@@ -34,14 +34,14 @@ from contract.storage import RemotePath, make_dirs
 from service.batch_output import ShardRows, model_metadata, write_summary
 from service.batch_pipeline import decode_batch
 from service.batch_scoring import (
-    _finish,
-    _json_safe,
-    _Open,
-    _resume,
-    _skipped,
+    OpenShard,
+    finish_shard,
     flags_of,
+    json_safe,
     load_model,
     rows_of_batch,
+    shards_to_score,
+    skipped_shard,
 )
 from service.batch_summary import BatchOptions, RunSummary, ShardResult
 from service.flag_store import FlagStore
@@ -74,7 +74,7 @@ def _read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
             "data": record.data,
             "error": record.error,
             "whole": record.whole_source,
-            "meta": json.dumps(_json_safe(record.meta), sort_keys=True),
+            "meta": json.dumps(json_safe(record.meta), sort_keys=True),
         }
 
 
@@ -170,7 +170,7 @@ def score_shards_ray(
     summary = RunSummary(meta, "ray", options.max_frame_errors)
     started, cpu_started = time.perf_counter(), time.process_time()
     make_dirs(out_dir)
-    todo = _resume(shards, out_dir, meta, options.resume, summary)
+    todo = shards_to_score(shards, out_dir, meta, options.resume, summary)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
@@ -197,13 +197,13 @@ def score_shards_ray(
                 num_gpus=1 if gpus else 0,
             )
         )
-        state: tuple[int, _Open] | None = None
+        state: tuple[int, OpenShard] | None = None
         done = -1
 
-        def finish(index: int, shard_state: _Open) -> None:
+        def finish(index: int, shard_state: OpenShard) -> None:
             t0 = time.perf_counter()
             shard = todo[index]
-            results[shard.name] = _finish(model, shard, shard_state, out_dir, meta, store, summary)
+            results[shard.name] = finish_shard(model, shard, shard_state, out_dir, meta, store, summary)
             seconds["write"] += time.perf_counter() - t0
 
         t_ray = time.perf_counter()
@@ -216,16 +216,16 @@ def score_shards_ray(
                         finish(*state)
                         done = state[0]
                     for empty in range(done + 1, index):  # shards with no records at all
-                        finish(empty, _Open())
-                    state = (index, _Open())
+                        finish(empty, OpenShard())
+                    state = (index, OpenShard())
                 _add_row(model, state[1], row, store is not None)
         if state is not None:
             finish(*state)
             done = state[0]
         for empty in range(done + 1, len(todo)):
-            finish(empty, _Open())
+            finish(empty, OpenShard())
         seconds["ray"] = time.perf_counter() - t_ray - seconds["write"]
-    summary.shards = [results.get(s.name) or _skipped(summary, s) for s in shards]
+    summary.shards = [results.get(s.name) or skipped_shard(summary, s) for s in shards]
     summary.seconds = time.perf_counter() - started
     summary.cpu_seconds = time.process_time() - cpu_started  # the driver's only
     summary.stage_seconds = seconds
@@ -233,8 +233,8 @@ def score_shards_ray(
     return summary
 
 
-def _add_row(model: LoadedModel, state: _Open, row: dict[str, Any], keep_flags: bool) -> None:
-    """Append one score row to its shard (the local engine's ``_Open``), and its flag if it is one."""
+def _add_row(model: LoadedModel, state: OpenShard, row: dict[str, Any], keep_flags: bool) -> None:
+    """Append one score row to its shard (the local engine's ``OpenShard``), and its flag if it is one."""
     if row["whole"]:
         state.failure = row["error"] or "unreadable"
         return

@@ -97,13 +97,13 @@ def flags_of(model: LoadedModel, records: Sequence[Record], rows: ShardRows) -> 
         if not flag or record.data is None or score is None or p_value is None:
             continue
         ext = _EXTENSIONS.get(probe_frame(record.data).format, "png")
-        meta = {"source": record.source, "via": "edgecase score", **_json_safe(record.meta)}
+        meta = {"source": record.source, "via": "edgecase score", **json_safe(record.meta)}
         flags.append(NewFlag(record.data, model.name, model.version, score, p_value, record.key, meta, ext))
     return flags
 
 
 @dataclass
-class _Open:
+class OpenShard:
     """A shard being scored: rows and flags so far, or the error that ended it."""
 
     rows: ShardRows = field(default_factory=ShardRows.empty)
@@ -130,19 +130,21 @@ def score_shards(
     summary = RunSummary(meta, "local", options.max_frame_errors)
     started, cpu_started = time.perf_counter(), time.process_time()
     make_dirs(out_dir)
-    todo = _resume(shards, out_dir, meta, options.resume, summary)
+    todo = shards_to_score(shards, out_dir, meta, options.resume, summary)
     times = StageTimes()
     results: dict[str, ShardResult] = {}
     with make_pool(options.pool, options.workers) as pool:
-        open_shards: dict[str, _Open] = {}
+        open_shards: dict[str, OpenShard] = {}
         for item in decoded_batches(
             todo, size=height, batch_size=options.batch_size, pool=pool, depth=2 * options.workers + 2,
             times=times,
         ):  # fmt: skip
-            state = open_shards.setdefault(item.shard.name, _Open())
+            state = open_shards.setdefault(item.shard.name, OpenShard())
             if item.records is None:  # the shard is read: flags, then its file
                 t0 = time.perf_counter()
-                results[item.shard.name] = _finish(model, item.shard, state, out_dir, meta, store, summary)
+                results[item.shard.name] = finish_shard(
+                    model, item.shard, state, out_dir, meta, store, summary
+                )
                 times.add("write", time.perf_counter() - t0)
                 del open_shards[item.shard.name]
                 continue
@@ -158,7 +160,7 @@ def score_shards(
                 state.flags.extend(flags_of(model, records, rows))
             if on_progress is not None:
                 on_progress(len(item.records))
-    summary.shards = [results.get(s.name) or _skipped(summary, s) for s in shards]
+    summary.shards = [results.get(s.name) or skipped_shard(summary, s) for s in shards]
     summary.seconds = time.perf_counter() - started
     summary.cpu_seconds = time.process_time() - cpu_started
     summary.stage_seconds = dict(times.seconds)
@@ -166,7 +168,7 @@ def score_shards(
     return summary
 
 
-def _resume(
+def shards_to_score(
     shards: Sequence[Shard],
     out_dir: Path | RemotePath,
     meta: Mapping[str, str],
@@ -189,19 +191,21 @@ def _resume(
     return todo
 
 
-def _skipped(summary: RunSummary, shard: Shard) -> ShardResult:
+def skipped_shard(summary: RunSummary, shard: Shard) -> ShardResult:
+    """The summary line ``shards_to_score`` made for a shard it found finished."""
     return next(s for s in summary.shards if s.shard == shard.name)
 
 
-def _finish(
+def finish_shard(
     model: LoadedModel,
     shard: Shard,
-    state: _Open,
+    state: OpenShard,
     out_dir: Path | RemotePath,
     meta: Mapping[str, str],
     store: FlagStore | None,
     summary: RunSummary,
 ) -> ShardResult:
+    """A shard is read: its failures into the summary, then its flags, then its file (module docstring)."""
     rows = state.rows
     result = ShardResult(shard.name, shard.source, len(rows), rows.edge_cases, rows.errors)
     for key, source, error in zip(rows.key, rows.source, rows.error, strict=True):
@@ -230,7 +234,7 @@ def batch_flag_key(model: LoadedModel, source: str, key: str | None) -> str:
     return json.dumps(["edgecase score", model.name, model.version, source, key])
 
 
-def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
+def json_safe(meta: dict[str, Any]) -> dict[str, Any]:
     """Frame metadata that JSON can hold (tar/Parquet metadata is usually plain already)."""
     safe: dict[str, Any] = {}
     for key, value in meta.items():
