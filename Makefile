@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= train,serve,cpu,store,dev,s3,ray
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-gpu lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(BIN)/.installed  ## lint, types (mypy --strict on contract/ and service/
 
 test-slow: $(BIN)/.installed  ## the slow end-to-end tests
 	$(BIN)/python -m pytest -m slow
+
+test-gpu: $(BIN)/.installed  ## CUDA provider checks; on a GPU machine: make test-gpu EXTRAS=train,serve,gpu,store,dev,s3,ray
+	$(BIN)/python -m pytest -m gpu
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

@@ -39,3 +39,21 @@ def tiny_run() -> TinyRun:
         return run
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where onnxruntime has CUDA; elsewhere they are skipped, saying why."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime with CUDA (pip install '.[gpu]' on a GPU machine)")
+    for item in gpu_items:
+        item.add_marker(skip)
