@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -283,26 +284,39 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vae_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.vae_train import VAEConfig, train_vae
+def seeded_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, int], Path]:
+    """``seeded_run(kind, seed)``: a dry-run run of that kind and seed, trained once per module."""
+    made: dict[tuple[str, int], Path] = {}
 
-    config = VAEConfig(size=32, dry_run=True, epochs=1, calibrate=False)
-    return Path(train_vae(config, [str(synth_data)], tmp_path_factory.mktemp("runs") / "vae"))
+    def get(kind: str, seed: int) -> Path:
+        if (kind, seed) not in made:
+            out = tmp_path_factory.mktemp("runs") / kind
+            if kind == "vae":
+                from training.vae_train import VAEConfig, train_vae
+
+                vae = VAEConfig(size=32, dry_run=True, epochs=1, calibrate=False, seed=seed)
+                made[kind, seed] = Path(train_vae(vae, [str(synth_data)], out))
+            else:
+                from training.gan_train import GANConfig, train_gan
+
+                gan = GANConfig(size=32, dry_run=True, epochs=1, seed=seed)
+                made[kind, seed] = Path(train_gan(gan, [str(synth_data)], out))
+        return made[kind, seed]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def gan_run(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.gan_train import GANConfig, train_gan
-
-    config = GANConfig(size=32, dry_run=True, epochs=1)
-    return Path(train_gan(config, [str(synth_data)], tmp_path_factory.mktemp("runs") / "gan"))
+def vae_run(seeded_run: Callable[[str, int], Path]) -> Path:
+    return seeded_run("vae", 0)
 
 
 @pytest.fixture
-def runs(request: pytest.FixtureRequest) -> dict[str, Path]:
-    """The dry-run run of the test's `kind` only (each takes ~10-20 s to train on a busy machine)."""
-    kind = request.node.callspec.params["kind"]
-    return {kind: request.getfixturevalue(f"{kind}_run")}
+def runs(request: pytest.FixtureRequest, seeded_run: Callable[[str, int], Path]) -> dict[str, Path]:
+    """The dry-run run of the test's `kind` (and `seed`, default 0) only (each takes ~10-20 s to train)."""
+    params = request.node.callspec.params
+    kind = params["kind"]
+    return {kind: seeded_run(kind, params.get("seed", 0))}
 
 
 # Every head a run of each kind offers (the test below checks this list is complete).
@@ -311,7 +325,7 @@ HEADS = {
     "gan": ["gan-disc", "gan-feat", "gan-dfeat-knn", "gan-patch", "gan-seg", "gan-combo"],
 }
 # The fast suite exports one head of a VAE run; every other head (and the GAN run) is in -m slow.
-FAST_HEADS = {"vae-elbo"}
+FAST_HEADS = {("vae-elbo", 0)}
 ALL_HEADS = [(kind, head) for kind, heads in HEADS.items() for head in heads]
 
 
@@ -323,11 +337,17 @@ def test_the_head_list_covers_every_head_of_a_run(runs: dict[str, Path], kind: s
 
 
 @pytest.mark.parametrize(
-    ("kind", "head"),
-    [pytest.param(k, h, marks=() if h in FAST_HEADS else pytest.mark.slow, id=h) for k, h in ALL_HEADS],
+    ("kind", "head", "seed"),
+    [
+        pytest.param(
+            k, h, seed, marks=() if (h, seed) in FAST_HEADS else pytest.mark.slow, id=f"{h}-seed{seed}"
+        )
+        for k, h in ALL_HEADS
+        for seed in (0, 1)  # two differently seeded runs: a head must not export only by luck
+    ],
 )
 def test_every_head_exports_passes_parity_and_loads(
-    runs: dict[str, Path], tmp_path: Path, kind: str, head: str
+    runs: dict[str, Path], tmp_path: Path, kind: str, head: str, seed: int
 ) -> None:
     folder = export_run(runs[kind], head, tmp_path)
     manifest = load_manifest(folder)
