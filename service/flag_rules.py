@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -117,3 +118,32 @@ def check_list_args(review: str | None, limit: int, offset: int) -> None:
 def check_label(label: str) -> None:
     if label not in REVIEW_LABELS:
         raise ValueError(f"review label must be one of {', '.join(REVIEW_LABELS)}, got {label!r}")
+
+
+def list_filters(
+    placeholder: str,
+    when: Callable[[datetime | float | None], Any],
+    model: str | None,
+    version: int | None,
+    since: datetime | float | None,
+    until: datetime | float | None,
+    review: str | None,
+) -> tuple[list[str], list[Any]]:
+    """``list``'s filters as SQL clauses and parameters (``since`` inclusive, ``until`` exclusive).
+
+    ``placeholder`` is the driver's (``?`` for sqlite3, ``%s`` for psycopg) and ``when`` turns a time
+    into the column's type (epoch seconds in SQLite, a timestamp in PostgreSQL).
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("model =", model),
+        ("version =", version),
+        ("created_at >=", when(since)),
+        ("created_at <", when(until)),
+        ("review =", review),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {placeholder}")
+            params.append(value)
+    return clauses, params

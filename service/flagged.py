@@ -39,6 +39,7 @@ from service.flag_rules import (
     as_epoch,
     check_label,
     check_list_args,
+    list_filters,
     prepare_flags,
 )
 from service.flag_store import (
@@ -398,7 +399,7 @@ class FlaggedStore(FlagStore):
         Returns ``(records, total)`` where ``total`` counts every match, not just this page.
         """
         check_list_args(review, limit, offset)
-        clauses, params = self._filters(model, version, since, until, review)
+        clauses, params = list_filters("?", as_epoch, model, version, since, until, review)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         order = "DESC" if newest_first else "ASC"
         conn = self._connection()
@@ -412,28 +413,6 @@ class FlaggedStore(FlagStore):
         finally:
             conn.execute("COMMIT")
         return [self._record(row) for row in rows], int(total)
-
-    @staticmethod
-    def _filters(
-        model: str | None,
-        version: int | None,
-        since: datetime | float | None,
-        until: datetime | float | None,
-        review: str | None,
-    ) -> tuple[builtins.list[str], builtins.list[Any]]:  # `list` is also a method of this class
-        clauses: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        for clause, value in (
-            ("model = ?", model),
-            ("version = ?", version),
-            ("created_at >= ?", as_epoch(since)),
-            ("created_at < ?", as_epoch(until)),
-            ("review = ?", review),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
-        return clauses, params
 
     def image_path(self, flag_id: int) -> Path:
         """The file holding a flag's image; ``FlaggedNotFoundError`` for an unknown id."""

@@ -37,6 +37,7 @@ from service.flag_rules import (
     as_epoch,
     check_label,
     check_list_args,
+    list_filters,
     prepare_flags,
 )
 from service.flag_store import (
@@ -287,18 +288,7 @@ class PostgresFlagStore(FlagStore):
         newest_first: bool = True,
     ) -> tuple[builtins.list[FlaggedRecord], int]:
         check_list_args(review, limit, offset)
-        clauses: builtins.list[str] = []
-        params: builtins.list[Any] = []
-        for clause, value in (
-            ("model = %s", model),
-            ("version = %s", version),
-            ("created_at >= %s", _datetime(since)),
-            ("created_at < %s", _datetime(until)),
-            ("review = %s", review),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                params.append(value)
+        clauses, params = list_filters("%s", _datetime, model, version, since, until, review)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         order = "DESC" if newest_first else "ASC"
         with self._transaction() as conn:
