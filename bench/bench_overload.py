@@ -42,6 +42,7 @@ from bench_service import (  # noqa: E402 (needs the path above)
     percentile,
     pick_model,
     scored_and_flagged,
+    start_server,
     wait_drained,
 )
 
@@ -218,33 +219,6 @@ def probe_once(url: str, body: tuple[bytes, str]) -> tuple[int, float]:
     started = time.perf_counter()
     response = httpx.post(f"{url}/score", content=body[0], headers={"Content-Type": body[1]}, timeout=60)
     return response.status_code, (time.perf_counter() - started) * 1000
-
-
-def start_server(repo: Path, name: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    from service.launch import free_port, wait_serving
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECASE_") or k in _PASSED}
-    env.update(
-        EDGECASE_FLAGGED_DIR=str(workdir / "flagged"),
-        EDGECASE_DEFAULT_MODEL=name,
-        EDGECASE_RELOAD_POLL_S="0",
-        EDGECASE_LOG_LEVEL="warning",
-        PYTHONPATH=str(REPO_ROOT),
-    )
-    cmd = [sys.executable, "-m", "edgecase.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--log-level", "warning"]
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server outlives this function)
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    url = f"http://127.0.0.1:{port}"
-    if not wait_serving(url, process, timeout=120):
-        process.kill()
-        raise SystemExit(f"server did not start; log:\n{(workdir / 'server.log').read_text()}")
-    return process, url
-
-
-# Server settings the caller may set for a run (everything else is the default).
-_PASSED = {k for k in os.environ if k.startswith("EDGECASE_")}
 
 
 def report(label: str, points: list[OverloadPoint], bodies: dict[int, int]) -> str:

@@ -392,42 +392,32 @@ def measure_point(
 
 
 def start_server(
-    repo: Path, name: str, workdir: Path, args: argparse.Namespace
-) -> tuple[subprocess.Popen, str]:
+    repo: Path,
+    name: str,
+    workdir: Path,
+    *,
+    settings: dict[str, str] | None = None,
+    serve_args: list[str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`edgecase serve` on a free loopback port, ready; its log in ``workdir/server.log``.
+
+    The caller's ``EDGECASE_*`` variables reach the server (a setting to try, e.g.
+    ``EDGECASE_DECODE_THREADS=1``); the benchmark's own ``settings`` are applied on top of them.
+    """
     from service.launch import free_port, wait_serving
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECASE_")}
+    env = dict(os.environ)
     env.update(
         EDGECASE_FLAGGED_DIR=str(workdir / "flagged"),
         EDGECASE_DEFAULT_MODEL=name,
         EDGECASE_RELOAD_POLL_S="0",
         EDGECASE_LOG_LEVEL="warning",
-        EDGECASE_MAX_QUEUE_FRAMES=str(max(4096, 160 * 32)),  # the benchmark measures throughput, not 429s
-        EDGECASE_MAX_REQUESTS_IN_FLIGHT="1024",  # nor admission control (bench_overload.py does)
-        EDGECASE_INTRA_OP_THREADS=str(args.threads),
         PYTHONPATH=str(REPO_ROOT),
+        **(settings or {}),
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgecase.cli",
-        "serve",
-        "--repo",
-        str(repo),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-        "--http",
-        args.http,
-        "--loop",
-        args.loop,
-        "--log-level",
-        "warning",
-    ]
+    cmd = [sys.executable, "-m", "edgecase.cli", "serve", "--repo", str(repo), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--log-level", "warning", *(serve_args or [])]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server outlives this function)
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -565,7 +555,18 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         capacity = max(r.frames_per_s for r in inproc)  # frames/s the model can do at best, in-process
-        process, url = start_server(repo, name, workdir, args)
+        process, url = start_server(
+            repo,
+            name,
+            workdir,
+            settings={
+                # The benchmark measures throughput, not 429s, nor admission control (bench_overload.py does).
+                "EDGECASE_MAX_QUEUE_FRAMES": str(max(4096, 160 * 32)),
+                "EDGECASE_MAX_REQUESTS_IN_FLIGHT": "1024",
+                "EDGECASE_INTRA_OP_THREADS": str(args.threads),
+            },
+            serve_args=["--workers", str(args.workers), "--http", args.http, "--loop", args.loop],
+        )
         runs = []
         try:
             for frames_per_request in args.frames_per_request:
