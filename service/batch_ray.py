@@ -31,7 +31,7 @@ import pyarrow as pa
 from contract.readers import Record
 from contract.shards import Shard, shard_records
 from contract.storage import RemotePath, make_dirs
-from service.batch_output import ShardRows, model_metadata, write_summary
+from service.batch_output import SCHEMA, ShardRows, model_metadata, write_summary
 from service.batch_pipeline import decode_batch
 from service.batch_scoring import (
     OpenShard,
@@ -50,12 +50,7 @@ from service.registry import LoadedModel
 _SCORED = pa.schema(
     [
         ("shard", pa.int64()),
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("score", pa.float64()),
-        ("p_value", pa.float64()),
-        ("is_edge_case", pa.bool_()),
-        ("error", pa.string()),
+        *SCHEMA,  # the output file's columns, then what the driver needs to finish a shard
         ("whole", pa.bool_()),
         ("data", pa.binary()),  # edge cases only: the frame as stored, for the flagged store
         ("meta", pa.string()),

@@ -192,12 +192,13 @@ async def _flag(
     from service.flag_rules import bounded_image  # loaded only when a store exists
     from service.flag_store import NewFlag
 
+    # Kept as sent when within the store's size cap (identical frames dedupe); otherwise the frame is
+    # decoded again and re-encoded as PNG, shrunk to fit the cap.
+    cap = int(getattr(store, "max_image_bytes", 0))
+
     def build_and_add() -> list[Any]:
         flags = []
         for i in indices:
-            # Kept as sent when within the store's size cap (identical frames dedupe); otherwise the
-            # frame decoded again and re-encoded as PNG, shrunk to fit the cap.
-            cap = int(getattr(store, "max_image_bytes", 0))
             data, ext = bounded_image(payloads[i].data, payloads[i].image_ext, cap)
             flags.append(
                 NewFlag(

@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                 if code is None
                 else f"the server exited early with code {code}"
             )
-        print(httpx.get(f"{base}/models", timeout=10).json())
+        models = httpx.get(f"{base}/models", timeout=10).json()
+        print(models)
 
         _step(5, "score test frames of every family over HTTP (POST /score)")
         frames = _sample_frames(data, args.per_family, args.normals)
@@ -163,14 +164,13 @@ def run(args: argparse.Namespace) -> int:
                 for (_, family, _), result in zip(chunk, response.json()["results"], strict=True):
                     scored[family] += 1
                     flagged[family] += bool(result["is_edge_case"])
-        target = httpx.get(f"{base}/models", timeout=10).json()
         print(f"{'family':<14}{'flagged':>8}{'of':>5}")
         for family in scored:
             print(f"{family:<14}{flagged[family]:>8}{scored[family]:>5}")
         if scored["normal"]:
             fpr = flagged["normal"] / scored["normal"]
             print(f"realised false-positive rate on {scored['normal']} normal test frames: {fpr:.1%} "
-                  f"(target {_target_fpr(target, name):.1%})")  # fmt: skip
+                  f"(target {_target_fpr(models, name):.1%})")  # fmt: skip
 
         _step(6, "what was flagged, and where it is kept")
         listing = httpx.get(f"{base}/flagged", params={"limit": 5}, timeout=10).json()

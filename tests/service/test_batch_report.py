@@ -30,6 +30,7 @@ from contract.frames import decode_frame, resize_frame
 from contract.manifest import MODEL_FILE, load_manifest
 from contract.readers import ReadReport, iter_frames
 from edgecase.cli import main
+from service.batch_output import SCHEMA
 from service.batch_report import TILE_PX, TopFrame, load_run, read_back, top_frames
 from service.registry import ModelRegistry
 
@@ -44,16 +45,6 @@ SHARD_A = [
     ("a/mid_1", 100),
 ]
 SHARD_B = [("b/bright_0", 230), ("b/bright_1", 230), ("b/bright_2", 230), ("b/bright_3", 230)]
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("score", pa.float64()),
-        ("p_value", pa.float64()),
-        ("is_edge_case", pa.bool_()),
-        ("error", pa.string()),
-    ]
-)
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
