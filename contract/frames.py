@@ -27,16 +27,27 @@ see the same pixels):
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-RESIZE_RULE = "center-crop-bilinear"
-"""Name of the one resize rule, as written in model manifests."""
+RESIZE_RULE = "fit-pad-bilinear"
+"""Name of the resize rule new models are exported with, as written in model manifests: the frame is
+resized (Pillow BILINEAR) to fit inside the model's H x W keeping its aspect ratio, then padded with
+black to H x W, centred. A camera frame whose aspect matches the model (1920x1080 -> 256x144) is only
+resized; nothing of any frame is cropped away."""
+
+LEGACY_RESIZE_RULE = "center-crop-bilinear"
+"""The rule of models exported before 0.3 (square inputs): the largest centred crop of the model's
+aspect, then BILINEAR. Still applied for manifests that name it, so those models score as trained."""
+
+RESIZE_RULES: tuple[str, ...] = (RESIZE_RULE, LEGACY_RESIZE_RULE)
 
 SUPPORTED_IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 """File extensions the folder readers pick up (lower case; matched case-insensitively)."""
@@ -102,6 +113,75 @@ class FrameTooLargeError(FrameDecodeError):
     """More pixels than ``max_pixels`` (or Pillow's own decompression-bomb limit)."""
 
 
+class FrameSize(NamedTuple):
+    """A model input's size, ``(height, width)`` like a frame's shape; written ``WxH`` (``256x144``)."""
+
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def frame_size(value: int | str | tuple[int, int]) -> FrameSize:
+    """Parse a size as users and configs write it: ``64`` or ``"64"`` (square), ``"256x144"`` (W x H,
+    as cameras and ``--size`` say it) or a ``(height, width)`` pair (a frame's shape, a FrameSize).
+
+    Raises ``ValueError`` with the accepted forms for anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"size must be N or WxH, got {value!r}")
+    if isinstance(value, int | np.integer):
+        height = width = int(value)
+    elif isinstance(value, str):
+        parts = value.strip().lower().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"size must be N or WxH (e.g. 64 or 256x144), got {value!r}")
+        width, height = int(parts[0]), int(parts[-1])
+    elif isinstance(value, tuple | list) and len(value) == 2:
+        height, width = (int(v) for v in value)
+    else:
+        raise ValueError(f"size must be N, 'WxH' or (height, width), got {value!r}")
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive, got {width}x{height}")
+    return FrameSize(height, width)
+
+
+def fitted_box(height: int, width: int, size: FrameSize) -> tuple[int, int]:
+    """``(h, w)`` a ``height x width`` frame is resized to before padding by the fit-pad rule."""
+    scale = min(size.height / height, size.width / width)
+    return (
+        min(size.height, max(1, round(height * scale))),
+        min(size.width, max(1, round(width * scale))),
+    )
+
+
+def draft_request(
+    width: int, height: int, size: int | str | tuple[int, int], rule: str = RESIZE_RULE
+) -> tuple[int, int]:
+    """``(w, h)`` a stored ``width x height`` JPEG may be draft-decoded down to without losing a pixel
+    that ``rule`` uses (Pillow-style, width first; for ``decode_frame(draft_size=...)`` and
+    :meth:`FrameHeader.decoded_pixels`).
+
+    The header's sides are the stored ones; an EXIF rotation may swap them before the rule applies,
+    so the request covers both orientations: the larger of the two scales the rule could need.
+    """
+    target = frame_size(size)
+    if rule == LEGACY_RESIZE_RULE:
+        # The crop keeps one side whole; that side must stay at least the model's on either orientation.
+        side = max(target.height, target.width)
+        return (side, side)
+    scale = max(
+        min(target.height / height, target.width / width),
+        min(target.height / width, target.width / height),
+    )
+    return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     """What an image's header says, read without decoding any pixel data."""
@@ -114,15 +194,19 @@ class FrameHeader:
     def pixels(self) -> int:
         return self.width * self.height
 
-    def decoded_pixels(self, draft_size: int | None = None) -> int:
+    def decoded_pixels(self, draft_size: int | tuple[int, int] | None = None) -> int:
         """Pixels a decode with ``draft_size`` will really produce: a JPEG's draft scale is applied.
 
-        Mirrors Pillow's ``JpegImageFile.draft``: the largest of 1/8, 1/4, 1/2 that keeps both sides at
-        least ``draft_size``, sides rounded up. Other formats decode at full size.
+        Mirrors Pillow's ``JpegImageFile.draft``: the largest of 1/8, 1/4, 1/2 that keeps the sides at
+        least ``draft_size`` (an int for both sides, or ``(w, h)``), sides rounded up. Other formats
+        decode at full size.
         """
-        if draft_size is None or self.format != "JPEG" or draft_size < 1:
+        if draft_size is None or self.format != "JPEG":
             return self.pixels
-        fits = min(self.width // draft_size, self.height // draft_size)
+        dw, dh = (draft_size, draft_size) if isinstance(draft_size, int) else draft_size
+        if dw < 1 or dh < 1:
+            return self.pixels
+        fits = min(self.width // dw, self.height // dh)
         scale = next((s for s in (8, 4, 2) if fits >= s), 1)
         return ((self.width + scale - 1) // scale) * ((self.height + scale - 1) // scale)
 
@@ -145,17 +229,18 @@ def decode_frame(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
     content_type: str | None = None,
-    draft_size: int | None = None,
+    draft_size: int | tuple[int, int] | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Decode PNG, JPEG or WebP into an RGB uint8 ``(H, W, 3)`` array.
 
     Grey, palette, LA, RGBA, CMYK and 16-bit images become 8-bit RGB by the module's pixel rule
     (EXIF orientation applied, 16-bit -> high byte, alpha dropped). Only the first frame of an
     animation is used.
-    ``draft_size`` (the model's input side) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's
-    draft mode, a DCT-domain reduction) as long as its shorter side stays at least ``draft_size``:
-    a 1080p frame for a 64-pixel model decodes at 240x135 instead of 1920x1080, which is most of
-    its decode time and all of its memory. Use :func:`decode_resized` to get a model input.
+    ``draft_size`` (an int for both sides or ``(w, h)``, see :func:`draft_request`) lets a JPEG
+    decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, a DCT-domain reduction) as long as its
+    sides stay at least that: a 1080p frame for a 256x144 model decodes at 480x270 instead of
+    1920x1080, which is most of its decode time and all of its memory. Use :func:`decode_resized` to
+    get a model input.
     Raises ``FrameDecodeError`` for empty, corrupt or truncated input, its subclass
     ``FrameTooLargeError`` above ``max_pixels``, and ``UnsupportedFormatError`` for a format outside
     ``formats`` or bytes that are not the declared ``content_type``.
@@ -176,7 +261,8 @@ def decode_frame(
                     f"exceeds the limit of {max_pixels:,} (possible decompression bomb)"
                 )
             if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", (int(draft_size), int(draft_size)))
+                dw, dh = (draft_size, draft_size) if isinstance(draft_size, int) else draft_size
+                image.draft("RGB", (int(dw), int(dh)))
             image.load()
             return _to_rgb_array(_upright(image))
     except FrameDecodeError:
@@ -189,22 +275,27 @@ def decode_frame(
 
 def decode_resized(
     data: bytes,
-    size: int,
+    size: int | str | tuple[int, int],
     *,
+    rule: str = RESIZE_RULE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: tuple[str, ...] = ALLOWED_FORMATS,
     content_type: str | None = None,
 ) -> npt.NDArray[np.uint8]:
-    """Bytes to a ``size x size`` model input: the one decode (with JPEG draft) then the one resize rule.
+    """Bytes to a model input of ``size`` (see :func:`frame_size`): the one decode (with JPEG draft)
+    then the resize rule ``rule`` (the manifest's).
 
     Every path that turns bytes into a model input (readers, the service, batch scoring) calls this,
     so a frame scores the same wherever it is scored. Only one frame's full-size pixels are alive at
     a time per caller.
     """
+    target = frame_size(size)
+    header = probe_frame(data, formats=formats, content_type=content_type)
+    draft = draft_request(header.width, header.height, target, rule)
     frame = decode_frame(
-        data, max_pixels=max_pixels, formats=formats, content_type=content_type, draft_size=size
+        data, max_pixels=max_pixels, formats=formats, content_type=content_type, draft_size=draft
     )
-    return resize_frame(frame, size)
+    return resize_frame(frame, target, rule)
 
 
 def _open(data: bytes, formats: tuple[str, ...], content_type: str | None) -> Image.Image:
@@ -274,28 +365,54 @@ def _check_frame(frame: npt.NDArray[np.uint8]) -> None:
         raise ValueError(f"frame has no pixels: shape {frame.shape}")
 
 
-def resize_frame(frame: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.uint8]:
-    """Apply the one resize rule ("center-crop-bilinear") to get a ``size x size`` frame.
+def resize_frame(
+    frame: npt.NDArray[np.uint8], size: int | str | tuple[int, int], rule: str = RESIZE_RULE
+) -> npt.NDArray[np.uint8]:
+    """Apply the resize rule ``rule`` to get a frame of ``size`` (an int for square, ``"WxH"`` or
+    ``(height, width)``; see :func:`frame_size`).
 
-    A non-square frame is centre-cropped to its largest centred square (odd margins put the extra
-    pixel at the bottom/right), then resized with Pillow's BILINEAR filter, which antialiases when
-    shrinking. A frame already ``size x size`` is returned unchanged (same object).
+    ``fit-pad-bilinear`` (:data:`RESIZE_RULE`): resize with Pillow's BILINEAR filter (which antialiases
+    when shrinking) to the largest box of the frame's aspect that fits, then pad with black to the
+    model's size, centred (an odd margin puts the extra pixel at the bottom/right). A frame of the
+    model's aspect is only resized; no pixel of any frame is cropped away.
+    ``center-crop-bilinear`` (:data:`LEGACY_RESIZE_RULE`): the largest centred crop of the model's
+    aspect, then BILINEAR; kept for models exported with it.
+    A frame already of ``size`` is returned unchanged (same object) by both rules.
     """
     _check_frame(frame)
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    target = frame_size(size)
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
     height, width = frame.shape[:2]
-    if height == size and width == size:
+    if (height, width) == target:
         return frame
-    side = min(height, width)
-    top = (height - side) // 2
-    left = (width - side) // 2
-    square = frame[top : top + side, left : left + side]
-    if side == size:
-        return np.ascontiguousarray(square)
-    resized = Image.fromarray(np.ascontiguousarray(square)).resize(
-        (int(size), int(size)), Image.Resampling.BILINEAR
-    )
+    if rule == LEGACY_RESIZE_RULE:
+        return _crop_resize(frame, target)
+    fh, fw = fitted_box(height, width, target)
+    content = _bilinear(frame, fh, fw)
+    if (fh, fw) == target:
+        return content
+    out = np.zeros((target.height, target.width, 3), dtype=np.uint8)
+    top, left = (target.height - fh) // 2, (target.width - fw) // 2
+    out[top : top + fh, left : left + fw] = content
+    return out
+
+
+def _crop_resize(frame: npt.NDArray[np.uint8], target: FrameSize) -> npt.NDArray[np.uint8]:
+    height, width = frame.shape[:2]
+    # The largest centred crop of the target's aspect (integer sides, never larger than the frame).
+    if width * target.height >= height * target.width:
+        ch, cw = height, min(width, max(1, round(height * target.width / target.height)))
+    else:
+        ch, cw = min(height, max(1, round(width * target.height / target.width))), width
+    top, left = (height - ch) // 2, (width - cw) // 2
+    return _bilinear(frame[top : top + ch, left : left + cw], target.height, target.width)
+
+
+def _bilinear(frame: npt.NDArray[np.uint8], height: int, width: int) -> npt.NDArray[np.uint8]:
+    if frame.shape[:2] == (height, width):
+        return np.ascontiguousarray(frame)
+    resized = Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), Image.Resampling.BILINEAR)
     return np.array(resized, dtype=np.uint8)
 
 

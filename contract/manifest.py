@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contract.frames import FrameSize
+
 SCHEMA_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -53,8 +55,15 @@ class InputSpec(_Strict):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     color: Literal["RGB"] = "RGB"
-    resize_rule: Literal["center-crop-bilinear"] = "center-crop-bilinear"
+    # fit-pad-bilinear: resize to fit, pad with black (contract.frames.RESIZE_RULE); the legacy
+    # centre crop stays readable so models exported before 0.3 serve as they were trained.
+    resize_rule: Literal["fit-pad-bilinear", "center-crop-bilinear"] = "fit-pad-bilinear"
     value_range: tuple[int, int] = (0, 255)
+
+    @property
+    def size(self) -> FrameSize:
+        """(height, width) of the model input, written ``WxH``."""
+        return FrameSize(self.height, self.width)
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:

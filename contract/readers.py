@@ -37,7 +37,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from contract.frames import DEFAULT_MAX_PIXELS, SUPPORTED_IMAGE_EXTENSIONS, decode_frame, decode_resized
+from contract.frames import (
+    DEFAULT_MAX_PIXELS,
+    RESIZE_RULE,
+    RESIZE_RULES,
+    SUPPORTED_IMAGE_EXTENSIONS,
+    FrameSize,
+    decode_frame,
+    decode_resized,
+    frame_size,
+)
 from contract.labels import LABELS_FILENAME, LabelsError, read_labels
 from contract.storage import RemotePath, as_location, file_size, open_binary
 
@@ -429,7 +438,8 @@ def iter_records(
 def iter_frames(
     sources: Source | Sequence[Source],
     *,
-    size: int | None = None,
+    size: int | str | tuple[int, int] | None = None,
+    rule: str = RESIZE_RULE,
     report: ReadReport | None = None,
     keys: Container[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -439,23 +449,24 @@ def iter_frames(
     """Iterate over every decodable frame of ``sources`` in a deterministic order.
 
     ``sources``: a folder, ``.tar``, ``.parquet`` or image file, or a list of them (read in the
-    order given); paths or fsspec URLs. ``size`` resizes by the one rule
-    (``contract.frames.decode_resized``); ``keys`` keeps only frames whose key is in it (e.g. one
-    split from labels.csv); ``report`` collects counts and errors. Arguments are checked at the
-    call, not at the first ``next``: raises ``FileNotFoundError`` for a source that does not exist
-    (a typo should stop a run; bad data inside a source should not).
+    order given); paths or fsspec URLs. ``size`` (``64``, ``"256x144"`` or ``(h, w)``) resizes by
+    ``rule`` (``contract.frames.decode_resized``; fit-pad by default); ``keys`` keeps only frames
+    whose key is in it (e.g. one split from labels.csv); ``report`` collects counts and errors.
+    Arguments are checked at the call, not at the first ``next``: raises ``FileNotFoundError`` for a
+    source that does not exist (a typo should stop a run; bad data inside a source should not).
     """
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer or None, got {size!r}")
+    target = None if size is None else frame_size(size)
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; known: {', '.join(RESIZE_RULES)}")
     report = report if report is not None else ReadReport()
     records = iter_records(
         sources, report=report, keys=keys, key_column=key_column, image_column=image_column
     )
-    return _decode_records(records, size, max_pixels, report)
+    return _decode_records(records, target, rule, max_pixels, report)
 
 
 def _decode_records(
-    records: Iterator[Record], size: int | None, max_pixels: int, report: ReadReport
+    records: Iterator[Record], size: FrameSize | None, rule: str, max_pixels: int, report: ReadReport
 ) -> Iterator[Frame]:
     for record in records:
         if record.whole_source:
@@ -468,7 +479,7 @@ def _decode_records(
             if size is None:
                 image = decode_frame(record.data, max_pixels=max_pixels)
             else:
-                image = decode_resized(record.data, size, max_pixels=max_pixels)
+                image = decode_resized(record.data, size, rule=rule, max_pixels=max_pixels)
         except ValueError as exc:  # FrameDecodeError, and anything else ValueError-shaped
             report.add_frame_error(record.source, record.key, str(exc))
             continue

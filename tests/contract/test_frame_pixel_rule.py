@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contract.frames import FrameHeader, decode_frame, decode_resized, probe_frame, resize_frame
+from contract.frames import (
+    FrameHeader,
+    decode_frame,
+    decode_resized,
+    draft_request,
+    probe_frame,
+    resize_frame,
+)
 from contract.readers import iter_frames
 
 
@@ -138,8 +145,11 @@ def test_exif_rotated_jpeg_is_upright_through_every_path(tmp_path: Path) -> None
     assert frame[:28].mean() > 240 and frame[36:].mean() < 15, "the top half is the white half"
 
     model_input = decode_resized(data, 16)
-    assert np.array_equal(model_input, resize_frame(decode_frame(data, draft_size=16), 16))
-    assert model_input[:6].mean() > 240 and model_input[10:].mean() < 15
+    draft = draft_request(64, 32, 16)  # the stored sides, as the header gives them
+    assert np.array_equal(model_input, resize_frame(decode_frame(data, draft_size=draft), 16))
+    content = model_input[:, 4:12]  # fit-pad: the 8x16 upright frame, black bars left and right
+    assert content[:6].mean() > 240 and content[10:].mean() < 15
+    assert model_input[:, :4].max() == 0 and model_input[:, 12:].max() == 0
 
     (tmp_path / "rotated.jpg").write_bytes(data)
     [read] = [item.image for item in iter_frames(tmp_path, size=16)]

@@ -12,11 +12,15 @@ import pytest
 from PIL import Image
 
 from contract.frames import (
+    LEGACY_RESIZE_RULE,
     RESIZE_RULE,
+    RESIZE_RULES,
     SUPPORTED_IMAGE_EXTENSIONS,
     FrameDecodeError,
     decode_frame,
+    draft_request,
     encode_png,
+    frame_size,
     resize_frame,
 )
 
@@ -187,32 +191,108 @@ def _banded(height: int, width: int) -> np.ndarray:
     return frame
 
 
+@pytest.mark.parametrize(
+    ("frame_hw", "size", "box_hw"),
+    [
+        ((1080, 1920), "256x144", (144, 256)),  # 16:9 camera into the 16:9 default: resize only
+        ((720, 1280), (144, 256), (144, 256)),
+        ((480, 640), "256x144", (144, 192)),  # 4:3: bars left and right
+        ((300, 300), "256x144", (144, 144)),  # square
+        ((1080, 1920), 64, (36, 64)),  # 16:9 into a square model: bars top and bottom
+        ((64, 64), 64, (64, 64)),
+    ],
+    ids=["16:9->16:9", "16:9-tuple", "4:3->16:9", "square->16:9", "16:9->square", "square->square"],
+)
+def test_fit_pad_keeps_the_whole_frame_and_pads_with_black(
+    frame_hw: tuple[int, int], size: object, box_hw: tuple[int, int]
+) -> None:
+    frame = np.full((*frame_hw, 3), 200, dtype=np.uint8)
+    frame[0, :] = frame[-1, :] = frame[:, 0] = frame[:, -1] = 201  # edges survive: nothing cropped
+    target = frame_size(size)  # type: ignore[arg-type]
+    out = resize_frame(frame, size)  # type: ignore[arg-type]
+    assert out.shape == (target.height, target.width, 3)
+    content = out > 0
+    rows, cols = np.flatnonzero(content.any(axis=(1, 2))), np.flatnonzero(content.any(axis=(0, 2)))
+    assert (len(rows), len(cols)) == box_hw, "the content box has the frame's aspect"
+    top, left = (target.height - box_hw[0]) // 2, (target.width - box_hw[1]) // 2
+    assert (rows[0], cols[0]) == (top, left), "centred; an odd margin puts the extra pixel bottom/right"
+    assert (out[top : top + box_hw[0], left : left + box_hw[1]] >= 199).all()
+
+
+def test_fit_pad_is_pillow_bilinear_into_the_box() -> None:
+    frame = _random_frame(30, 40)
+    out = resize_frame(frame, (16, 16))
+    expected = np.array(Image.fromarray(frame).resize((16, 12), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(out[2:14], expected)
+    assert out[:2].max() == 0 and out[14:].max() == 0
+
+
+def test_a_frame_of_the_models_aspect_is_only_resized() -> None:
+    frame = _random_frame(90, 160)
+    expected = np.array(Image.fromarray(frame).resize((64, 36), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(resize_frame(frame, "64x36"), expected)
+
+
 @pytest.mark.parametrize(("height", "width"), [(4, 8), (8, 4), (3, 6), (6, 3), (5, 8)])
-def test_non_square_frames_are_centre_cropped(height: int, width: int) -> None:
+def test_the_legacy_rule_centre_crops(height: int, width: int) -> None:
     side = min(height, width)
-    resized = resize_frame(_banded(height, width), side)
+    resized = resize_frame(_banded(height, width), side, LEGACY_RESIZE_RULE)
     assert resized.shape == (side, side, 3)
     assert (resized == (0, 0, 255)).all(), "the margins must be cropped away"
 
 
-def test_odd_margin_puts_the_extra_pixel_at_bottom_right() -> None:
+def test_the_legacy_rule_puts_an_odd_margin_at_bottom_right() -> None:
     frame = np.arange(5, dtype=np.uint8)[None, :, None].repeat(3, axis=2).repeat(2, axis=0)  # 2x5
-    assert resize_frame(frame, 2)[0, :, 0].tolist() == [1, 2]
+    assert resize_frame(frame, 2, LEGACY_RESIZE_RULE)[0, :, 0].tolist() == [1, 2]
 
 
-def test_resize_uses_pillow_bilinear_after_the_crop() -> None:
+def test_the_legacy_rule_is_pillow_bilinear_after_the_crop() -> None:
     frame = _random_frame(30, 40)
     expected = np.array(Image.fromarray(frame[:, 5:35]).resize((16, 16), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(resize_frame(frame, 16), expected)
+    np.testing.assert_array_equal(resize_frame(frame, 16, LEGACY_RESIZE_RULE), expected)
+
+
+def test_an_unknown_rule_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown resize rule 'stretch'"):
+        resize_frame(_random_frame(), 8, "stretch")
 
 
 def test_upscaling_keeps_flat_colours_and_follows_bilinear() -> None:
     flat = np.full((3, 5, 3), (9, 99, 199), dtype=np.uint8)
-    up = resize_frame(flat, 12)
-    assert up.shape == (12, 12, 3) and (up == (9, 99, 199)).all()
+    up = resize_frame(flat, "20x12")
+    assert up.shape == (12, 20, 3) and (up == (9, 99, 199)).all()
     small = _random_frame(2, 2)
     expected = np.array(Image.fromarray(small).resize((7, 7), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(resize_frame(small, 7), expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("64", (64, 64)), (" 256x144 ", (144, 256)), ("1920X1080", (1080, 1920))]
+)
+def test_sizes_are_written_width_by_height(text: str, expected: tuple[int, int]) -> None:
+    size = frame_size(text)
+    assert size == expected and str(size) == f"{expected[1]}x{expected[0]}"
+
+
+@pytest.mark.parametrize("bad", ["", "x", "64x", "256x144x3", "-4", "0x10", "a x b"])
+def test_bad_size_texts_are_refused_with_the_accepted_forms(bad: str) -> None:
+    with pytest.raises(ValueError, match="size must be"):
+        frame_size(bad)
+
+
+@pytest.mark.parametrize(
+    ("stored_wh", "size", "expected"),
+    [
+        ((1920, 1080), "256x144", (256, 144)),
+        ((1080, 1920), "256x144", (144, 256)),
+        ((640, 480), 64, (64, 48)),
+    ],
+    ids=["landscape", "portrait-or-rotated", "4:3->square"],
+)
+def test_the_jpeg_draft_request_covers_both_orientations(
+    stored_wh: tuple[int, int], size: object, expected: tuple[int, int]
+) -> None:
+    assert draft_request(*stored_wh, size) == expected  # type: ignore[arg-type]
 
 
 def test_shrinking_is_antialiased() -> None:
@@ -246,7 +326,8 @@ def test_resize_and_encode_reject_arrays_that_are_not_frames(frame: np.ndarray) 
 
 
 def test_constants_name_the_rule_and_extensions() -> None:
-    assert RESIZE_RULE == "center-crop-bilinear"
+    assert RESIZE_RULE == "fit-pad-bilinear" and LEGACY_RESIZE_RULE == "center-crop-bilinear"
+    assert RESIZE_RULES == (RESIZE_RULE, LEGACY_RESIZE_RULE)
     assert SUPPORTED_IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".webp")
 
 

@@ -54,11 +54,18 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def test_a_manifest_of_the_legacy_crop_rule_still_loads(tmp_path: Path) -> None:
+    data = manifest_dict()
+    data["input"]["resize_rule"] = "center-crop-bilinear"
+    assert load_manifest(write(tmp_path, data)).input.resize_rule == "center-crop-bilinear"
+
+
 def test_a_complete_manifest_loads_with_the_documented_defaults(tmp_path: Path) -> None:
     manifest = load_manifest(write(tmp_path, manifest_dict()))
     assert manifest.input.layout == "NHWC" and manifest.input.dtype == "uint8"
     assert manifest.input.frame_shape == (64, 64, 3)
-    assert manifest.input.resize_rule == "center-crop-bilinear"
+    assert manifest.input.resize_rule == "fit-pad-bilinear"
+    assert manifest.input.size == (64, 64) and str(manifest.input.size) == "64x64"
     assert manifest.model.higher_is_more_anomalous is True
     assert manifest.threshold.calibrated_with == "onnxruntime"
     assert manifest.export.variant == "fp32"
