@@ -15,8 +15,13 @@ corruptions:
   count as much as local ones.
 
 A score's protocol AUROC is that of normals-B against the corrupted copies (:func:`pseudo_auroc`).
+A ranking is not an operating point: a head is used at its calibrated threshold, so rules and
+components are chosen by the **protocol score** (:func:`protocol_score`), the mean of the AUROC and
+the detection rate at the threshold that lets ``PROTOCOL_FPR`` of the normals through (the
+calibration rule, training/calibrate.py). Two scores with the same AUROC differ there when one puts
+its corrupted frames just above the normals' bulk and the other above their tail.
 Combination rules (:func:`combine`): ``max`` (a union of detectors), ``mean`` (Stouffer-like: evidence
-adds up), ``top2`` (between the two). The rule with the highest AUROC is used; rules within
+adds up), ``top2`` (between the two). The rule with the highest protocol score is used; rules within
 ``MIN_GAIN`` of the best are a tie, settled by fewer components, then in the order ``mean``,
 ``top2``, ``max`` (:func:`preferred`). :func:`select_components` also chooses the components, by
 greedy forward selection: one joins only if it buys at least ``MIN_GAIN``.
@@ -30,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from training.calibrate import score_frames
+from training.calibrate import calibrate_scores, score_frames
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +47,8 @@ RULES = ("max", "mean", "top2")
 MIN_GAIN = 0.005
 RULE_PREFERENCE = ("mean", "top2", "max")  # mean first: Stouffer's combination of evidence
 CORRUPTIONS = ("patches", "heldout", "all")
+# The operating point the protocol weighs next to AUROC: the service's default target FPR.
+PROTOCOL_FPR = 0.01
 
 
 def pseudo_anomalies(
@@ -178,16 +185,32 @@ def combine(z: np.ndarray | torch.Tensor, rule: str) -> Any:
     return top.mean(1)
 
 
-def rule_auroc(z_normal: np.ndarray, z_pseudo: np.ndarray, rule: str) -> float:
-    """AUROC of normals vs pseudo-anomalies for z-scores [N, K] combined by ``rule``."""
+def detection_at_threshold(
+    normal: npt.ArrayLike, corrupted: npt.ArrayLike, target_fpr: float = PROTOCOL_FPR
+) -> float:
+    """Fraction of ``corrupted`` scored above the threshold calibrated on ``normal`` at ``target_fpr``."""
+    threshold = calibrate_scores(normal, target_fpr=target_fpr).threshold
+    return float(np.mean(np.asarray(corrupted, dtype=np.float64) > threshold))
+
+
+def protocol_score(
+    normal: npt.ArrayLike, corrupted: npt.ArrayLike, target_fpr: float = PROTOCOL_FPR
+) -> float:
+    """What the protocol maximises: (AUROC + detection rate at the ``target_fpr`` threshold) / 2."""
     from sklearn.metrics import roc_auc_score
 
-    labels = np.r_[np.zeros(len(z_normal)), np.ones(len(z_pseudo))]
-    return float(roc_auc_score(labels, np.r_[combine(z_normal, rule), combine(z_pseudo, rule)]))
+    a, b = np.asarray(normal, dtype=np.float64), np.asarray(corrupted, dtype=np.float64)
+    auroc = roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b])
+    return float((auroc + detection_at_threshold(a, b, target_fpr)) / 2)
+
+
+def rule_score(z_normal: np.ndarray, z_pseudo: np.ndarray, rule: str) -> float:
+    """:func:`protocol_score` of normals vs pseudo-anomalies for z-scores [N, K] combined by ``rule``."""
+    return protocol_score(combine(z_normal, rule), combine(z_pseudo, rule))
 
 
 def preferred(results: dict[str, tuple[float, int]]) -> str:
-    """The rule to use given ``rule -> (protocol AUROC, components)``: the best AUROC, where rules
+    """The rule to use given ``rule -> (protocol score, components)``: the best score, where rules
     within ``MIN_GAIN`` of it tie; ties go to fewer components, then to ``RULE_PREFERENCE`` order."""
     top = max(auroc for auroc, _ in results.values())
     near = [rule for rule, (auroc, _) in results.items() if auroc >= top - MIN_GAIN]
@@ -195,10 +218,11 @@ def preferred(results: dict[str, tuple[float, int]]) -> str:
 
 
 def choose_rule(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, dict[str, float], list[float]]:
-    """The rule for a fixed set of components (:func:`preferred`); all rules' and components' AUROCs."""
-    by_rule = {rule: rule_auroc(z_normal, z_pseudo, rule) for rule in RULES}
+    """The rule for a fixed set of components (:func:`preferred`); all rules' and components' protocol
+    scores (:func:`protocol_score`)."""
+    by_rule = {rule: rule_score(z_normal, z_pseudo, rule) for rule in RULES}
     k = z_normal.shape[1]
-    per_component = [rule_auroc(z_normal[:, [i]], z_pseudo[:, [i]], "max") for i in range(k)]
+    per_component = [rule_score(z_normal[:, [i]], z_pseudo[:, [i]], "max") for i in range(k)]
     best = preferred({rule: (auroc, k) for rule, auroc in by_rule.items()})
     return best, by_rule, per_component
 
@@ -206,9 +230,9 @@ def choose_rule(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, dict[s
 def select_components(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, list[int], dict[str, float]]:
     """Greedy forward selection of components for each rule, then :func:`preferred` across rules.
 
-    Per rule: start from the component with the best protocol AUROC, add the one that raises it most,
+    Per rule: start from the component with the best protocol score, add the one that raises it most,
     stop when the best addition buys less than ``MIN_GAIN``. Returns (rule, chosen column indices in
-    order of selection, the protocol AUROC each rule's selection reached).
+    order of selection, the protocol score each rule's selection reached).
     """
     paths: dict[str, tuple[float, list[int]]] = {}
     for rule in RULES:
@@ -216,7 +240,7 @@ def select_components(z_normal: np.ndarray, z_pseudo: np.ndarray) -> tuple[str, 
         best = -np.inf
         while len(chosen) < z_normal.shape[1]:
             trials = [
-                (rule_auroc(z_normal[:, [*chosen, k]], z_pseudo[:, [*chosen, k]], rule), -k)
+                (rule_score(z_normal[:, [*chosen, k]], z_pseudo[:, [*chosen, k]], rule), -k)
                 for k in range(z_normal.shape[1])
                 if k not in chosen
             ]

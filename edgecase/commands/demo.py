@@ -73,6 +73,24 @@ def _sample_frames(data: Path, per_family: int, normals: int) -> list[tuple[str,
     ]
 
 
+def _pedestrian_map(client: Any, pick: tuple[float, bool, str, Path] | None, out: Path) -> str | None:
+    """Ask the service for the map of the most anomalous pedestrian frame; write frame | map to ``out``."""
+    from edgecase.commands.demo_map import map_figure
+
+    if pick is None:
+        return None
+    _, is_flagged, key, path = pick
+    data = path.read_bytes()
+    response = client.post(
+        "/score", params={"maps": "true"}, files=[("files", (path.name, data, "image/png"))]
+    )
+    response.raise_for_status()
+    written = map_figure(data, response.json()["results"][0], out)
+    if written is None:
+        return "(this head has no anomaly map)"
+    return f"{written} ({key}, {'flagged' if is_flagged else 'not flagged'})"
+
+
 def _target_fpr(models: dict[str, Any], name: str) -> float:
     """The served model's target false-positive rate, from the body of GET /models."""
     return float(next(m["target_fpr"] for m in models["models"] if m["name"] == name))
@@ -152,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         frames = _sample_frames(data, args.per_family, args.normals)
         scored: Counter[str] = Counter()
         flagged: Counter[str] = Counter()
+        pedestrian: tuple[float, bool, str, Path] | None = None  # the most anomalous pedestrian frame
         with httpx.Client(base_url=base, timeout=60) as client:
             for start in range(0, len(frames), 32):  # up to 32 frames a request, as a fleet client would
                 chunk = frames[start : start + 32]
@@ -161,12 +180,17 @@ def run(args: argparse.Namespace) -> int:
                 ]
                 response = client.post("/score", files=files)
                 response.raise_for_status()
-                for (_, family, _), result in zip(chunk, response.json()["results"], strict=True):
+                for (key, family, path), result in zip(chunk, response.json()["results"], strict=True):
                     scored[family] += 1
                     flagged[family] += bool(result["is_edge_case"])
+                    if family == "pedestrian" and (pedestrian is None or result["score"] > pedestrian[0]):
+                        pedestrian = (result["score"], bool(result["is_edge_case"]), key, path)
+            figure = _pedestrian_map(client, pedestrian, work / "pedestrian_map.png")
         print(f"{'family':<14}{'flagged':>8}{'of':>5}")
         for family in scored:
             print(f"{family:<14}{flagged[family]:>8}{scored[family]:>5}")
+        if figure:
+            print(f"anomaly map of the top-scoring pedestrian frame, beside the frame: {figure}")
         if scored["normal"]:
             fpr = flagged["normal"] / scored["normal"]
             print(f"realised false-positive rate on {scored['normal']} normal test frames: {fpr:.1%} "

@@ -40,7 +40,9 @@ from training.protocol import (  # noqa: E402
     MIN_GAIN,
     choose_rule,
     combine,
+    detection_at_threshold,
     preferred,
+    protocol_score,
     pseudo_anomalies,
     pseudo_auroc,
     select_components,
@@ -312,6 +314,16 @@ def test_rule_selection_prefers_max_when_one_head_sees_each_anomaly() -> None:
     rule, by_rule, per_component = choose_rule(normal, pseudo)
     assert rule == "max" and by_rule["max"] > by_rule["mean"] + MIN_GAIN
     assert len(per_component) == 2
+
+
+def test_the_protocol_weighs_detection_at_the_threshold_not_only_the_ranking() -> None:
+    normal = np.arange(1000, dtype=np.float64)  # the 1% threshold is 989
+    bulk = np.full(100, 800.0)  # all above 80% of normals, none above the threshold
+    tail = np.r_[np.full(60, 2000.0), np.full(40, -1.0)]  # 60% far out, 40% below every normal
+    assert detection_at_threshold(normal, bulk) == 0.0 and detection_at_threshold(normal, tail) == 0.6
+    # AUROC ranks the bulk higher (0.80 vs 0.60); at the operating point the tail catches 60%.
+    assert protocol_score(normal, tail) > protocol_score(normal, bulk)
+    assert protocol_score(normal, tail) == pytest.approx((0.6 + 0.6) / 2)
 
 
 def test_rules_closer_than_the_minimum_gain_tie_and_the_tie_goes_to_fewer_components_then_mean() -> None:
