@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from contract.frames import frame_size
 from contract.manifest import is_edge_case
 from training.calibrate import Calibration, calibrate_scores
 
@@ -151,7 +152,7 @@ def evaluate_run(
     from training.runs import load_config, run_normals
 
     config = load_config(run_dir)
-    size = int(config["size"])
+    size = frame_size(config["size"])
     names = available_heads(run_dir) if heads is None else list(heads)
     valid = set(available_heads(run_dir))
     unknown = [h for h in names if h not in valid]
