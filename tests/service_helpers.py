@@ -4,9 +4,10 @@ Everything here is real: graphs are built with the `onnx` helper API and loaded 
 manifest validates against `contract.manifest.Manifest`, and the server is uvicorn in a subprocess
 on a free loopback port, talked to over HTTP. No torch.
 
-The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (shape [N, S, S]) and
+The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (shape [N, H, W]) and
 `score = mean of anomaly_map` (shape [N]), so a frame's score is its mean brightness in [0, 1]:
 a black frame scores 0, a white frame 1. With the default threshold 0.5, bright frames are edge cases.
+Sizes are anything `contract.frames.frame_size` reads: `8` (8x8), `"64x36"` (W x H) or `(36, 64)`.
 
 Stable names used by other test modules: `build_brightness_graph`, `build_failing_graph`,
 `publish_model`, `publish_broken`,
@@ -34,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper
 from PIL import Image
 
+from contract.frames import frame_size
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, file_entry, quantiles_of
 from service.launch import free_port, responds, wait_until
 
@@ -43,9 +45,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIBRATION = [round(0.30 + 0.01 * i, 2) for i in range(20)]
 
 
-def build_brightness_graph(size: int = 8, *, with_map: bool = True, opset: int = 17) -> bytes:
-    """Serialized ONNX graph: uint8 NHWC [N, size, size, 3] -> score [N] (+ anomaly_map [N, size, size])."""
-    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", size, size, 3])
+Size = int | str | tuple[int, int]
+
+
+def build_brightness_graph(size: Size = 8, *, with_map: bool = True, opset: int = 17) -> bytes:
+    """Serialized ONNX graph: uint8 NHWC [N, H, W, 3] -> score [N] (+ anomaly_map [N, H, W])."""
+    h, w = frame_size(size)
+    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", h, w, 3])
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
     outputs = [score]
     nodes = [
@@ -56,7 +62,7 @@ def build_brightness_graph(size: int = 8, *, with_map: bool = True, opset: int =
     ]
     if with_map:
         nodes.append(helper.make_node("Identity", ["map"], ["anomaly_map"]))
-        outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]))
+        outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h, w]))
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0])
     graph = helper.make_graph(nodes, "brightness", [frames], outputs, initializer=[scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -88,16 +94,24 @@ def manifest_for(
     version: int,
     model_bytes_path: Path,
     *,
-    size: int,
+    size: Size,
     threshold: float,
     with_map: bool,
     calibration: list[float],
+    resize_rule: str | None = None,
 ) -> Manifest:
-    """A valid manifest for a brightness graph already written at `model_bytes_path`."""
+    """A valid manifest for a brightness graph already written at `model_bytes_path`.
+
+    `resize_rule` None leaves the field out: the schema's default (fit-pad-bilinear) applies.
+    """
+    h, w = frame_size(size)
     scores = sorted(calibration)
     outputs: list[dict[str, Any]] = [{"name": "score", "shape": ["N"]}]
     if with_map:
-        outputs.append({"name": "anomaly_map", "shape": ["N", size, size]})
+        outputs.append({"name": "anomaly_map", "shape": ["N", h, w]})
+    model_input: dict[str, Any] = {"height": h, "width": w}
+    if resize_rule is not None:
+        model_input["resize_rule"] = resize_rule
     return Manifest.model_validate(
         {
             "schema_version": 1,
@@ -110,7 +124,7 @@ def manifest_for(
                 "definition": "mean pixel brightness / 255 (a test graph)",
                 "units": "fraction",
             },
-            "input": {"height": size, "width": size},
+            "input": model_input,
             "outputs": outputs,
             "threshold": {"value": threshold, "target_fpr": 0.05, "calibration_n": len(scores)},
             "calibration": {"n": len(scores), "quantiles": quantiles_of(scores), "scores": scores},
@@ -133,13 +147,17 @@ def publish_model(
     name: str = "bright",
     version: int = 1,
     *,
-    size: int = 8,
+    size: Size = 8,
     threshold: float = 0.5,
     with_map: bool = True,
     calibration: list[float] | None = None,
     graph: bytes | None = None,
+    resize_rule: str | None = None,
 ) -> Path:
     """Write `repo/name/version/{model.onnx,manifest.json}` atomically (temp dot-folder, then rename).
+
+    `size` is the model input (8, "64x36" or (36, 64)); `resize_rule` names a rule in the manifest
+    (None: the schema's default, fit-pad-bilinear).
 
     `graph` replaces the brightness graph (e.g. garbage bytes); the manifest still lists its true hash,
     so only onnxruntime can refuse it.
@@ -160,6 +178,7 @@ def publish_model(
         threshold=threshold,
         with_map=with_map,
         calibration=calibration if calibration is not None else DEFAULT_CALIBRATION,
+        resize_rule=resize_rule,
     )
     manifest.write(tmp / MANIFEST_FILE)
     tmp.rename(final)
