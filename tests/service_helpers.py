@@ -9,9 +9,13 @@ The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (sh
 a black frame scores 0, a white frame 1. With the default threshold 0.5, bright frames are edge cases.
 Sizes are anything `contract.frames.frame_size` reads: `8` (8x8), `"64x36"` (W x H) or `(36, 64)`.
 
-Stable names used by other test modules: `build_brightness_graph`, `build_failing_graph`,
-`publish_model`, `publish_broken`,
-`solid_png`, `free_port`, `start_server`, `running_server`, `RunningServer`, `wait_until`.
+The "weighted" graph (`build_weighted_graph`) is the brightness graph with a fixed random weight per
+pixel and channel, so its score moves when any pixel moves: the graph that pins which pixels a resize
+rule hands the model (`onnx_outputs` runs it directly, for the expected values).
+
+Stable names used by other test modules: `build_brightness_graph`, `build_weighted_graph`,
+`build_failing_graph`, `publish_model`, `publish_broken`, `solid_png`, `textured_png`, `onnx_outputs`,
+`free_port`, `start_server`, `running_server`, `RunningServer`, `wait_until`.
 """
 
 from __future__ import annotations
@@ -69,6 +73,45 @@ def build_brightness_graph(size: Size = 8, *, with_map: bool = True, opset: int 
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def build_weighted_graph(size: Size, *, seed: int = 0) -> bytes:
+    """uint8 NHWC [N, H, W, 3] -> anomaly_map [N, H, W] = mean over RGB of frames * weights / 255, and
+    score [N] = its mean; weights fixed, uniform in [0, 1) per pixel and channel (from ``seed``)."""
+    h, w = frame_size(size)
+    weights = np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
+    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", h, w, 3])
+    nodes = [
+        helper.make_node("Cast", ["frames"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "weights"], ["weighted"]),
+        helper.make_node("ReduceMean", ["weighted"], ["channel_mean"], axes=[3], keepdims=0),
+        helper.make_node("Div", ["channel_mean", "scale"], ["anomaly_map"]),
+        helper.make_node("ReduceMean", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
+    ]
+    initializers = [
+        helper.make_tensor("weights", TensorProto.FLOAT, [h, w, 3], weights.ravel().tolist()),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h, w]),
+    ]
+    graph = helper.make_graph(nodes, "weighted", [frames], outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def onnx_outputs(version_dir: Path, frame: np.ndarray) -> dict[str, np.ndarray]:
+    """A published graph run directly by onnxruntime (a session of its own) on one uint8 (H, W, 3) frame:
+    output name -> value for that frame (score a float array of shape (), anomaly_map [H, W])."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(Path(version_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {"frames": np.ascontiguousarray(frame[None])})
+    return {name: value[0] for name, value in zip(names, values, strict=True)}
 
 
 def build_failing_graph(size: int = 8) -> bytes:
@@ -221,6 +264,20 @@ def solid_png(value: int, size: int = 8, *, width: int | None = None, fmt: str =
     array = np.full((size, width or size, 3), value, dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def textured_png(width: int, height: int, *, seed: int = 0, fmt: str = "PNG", **save: Any) -> bytes:
+    """A ``width x height`` frame with structure at every scale (gradients + blocks + noise): any change
+    of which pixels a resize keeps, or how it filters them, changes a weighted graph's score."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * xs / max(1, width - 1), 255 * ys / max(1, height - 1), 128 + 0 * xs], axis=2)
+    blocks = rng.integers(-60, 61, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+    noise = rng.normal(0, 25, (height, width, 3))
+    array = np.clip(base + blocks[:height, :width] + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save)
     return buffer.getvalue()
 
 
