@@ -1,20 +1,21 @@
 """Benchmark batch scoring: `edgecase score` against in-process decode + onnxruntime, side by side.
 
-    .venv/bin/python bench/bench_batch.py --frames 20000 --hd-frames 2000
+    .venv/bin/python bench/bench_batch.py --frames 20000 --hd-frames 2000 --size 256x144
 
 The reference is the simplest correct loop at the same batch size: read a shard's records, decode
 each with ``decode_resized``, ``session.run`` every ``--batch-size`` frames, one thread. The
 contender is the real command (`edgecase score`, a subprocess, its scoring time from
 ``_summary.json``), with its decode pool in threads and in processes. Runs are interleaved
 (reference, threads, processes, reference, ...) so both see the same machine load, and the ratio
-is taken per round; the median round is reported. Two data sets: synth frames at 64 px in tar
-shards, and the same frames upscaled to 1920x1080 JPEG (camera-sized), where Pillow's JPEG draft
-mode should show: the reference is also timed with draft decoding off.
+is taken per round; the median round is reported. Two data sets: synth frames at ``--size`` (W x H,
+default 256x144) in tar shards, and the same frames upscaled to ``--hd-size`` (default 1920x1080)
+JPEG (camera-sized), where Pillow's JPEG draft mode should show: the reference is also timed with
+draft decoding off. Every frame is resized to the model's input by its manifest's resize rule.
 
 The model is a real exported VAE (`edgecase train vae --dry-run` then `edgecase export --head
-vae-elbo`: the weights are untrained, the graph and its cost are the real ones), made once under
-``--work`` unless ``--repo``/``--model`` name one. The machine is shared: the load average is printed
-with every figure.
+vae-elbo`: the weights are untrained, the graph and its cost are the real ones) at ``--size``, made
+once under ``--work`` unless ``--repo``/``--model`` name one. The machine is shared: the load
+average is printed with every figure.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from contract.frames import decode_frame, decode_resized, resize_frame  # noqa: E402
+from contract.frames import FrameSize, decode_frame, decode_resized, frame_size, resize_frame  # noqa: E402
 from contract.shards import list_shards, shard_records  # noqa: E402
 from service.registry import ModelRegistry  # noqa: E402
 
@@ -47,31 +48,36 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edgecase.cli", *args], check=True, env=env, cwd=ROOT)
 
 
-def ensure_model(work: Path) -> tuple[Path, str]:
-    repo, name = work / "models", "vae-elbo"
+def size_flag(size: FrameSize) -> str:
+    """``--size`` as the commands take it: ``64`` for a square, ``256x144`` (W x H) otherwise."""
+    return str(size.width) if size.height == size.width else str(size)
+
+
+def ensure_model(work: Path, size: FrameSize) -> tuple[Path, str]:
+    repo, name = work / f"models-{size}", "vae-elbo"
     if (repo / name).is_dir():
         return repo, name
-    data, run = work / "train-data", work / "run-vae"
+    data, run = work / f"train-data-{size}", work / f"run-vae-{size}"
     sizes = ["--n-normal", "512", "--n-val", "256", "--n-test-normal", "128", "--n-per-family", "8"]
-    cli("synth", "--out", str(data), "--size", "64", *sizes, "--format", "dir", "--no-progress")
-    cli("train", "vae", "--data", str(data), "--out", str(run), "--dry-run")
+    cli("synth", "--out", str(data), "--size", size_flag(size), *sizes, "--format", "dir", "--no-progress")
+    cli("train", "vae", "--data", str(data), "--out", str(run), "--size", size_flag(size), "--dry-run")
     cli("export", str(run), "--head", "vae-elbo", "--repo", str(repo))
     return repo, name
 
 
-def ensure_frames(work: Path, frames: int) -> Path:
-    """``frames`` synth normals at 64 px in tar shards (synth's train split)."""
-    out = work / f"frames64-{frames}"
+def ensure_frames(work: Path, frames: int, size: FrameSize) -> Path:
+    """``frames`` synth normals of ``size`` in tar shards (synth's train split)."""
+    out = work / f"frames{size}-{frames}"
     if not (out / "done").exists():
         sizes = ["--n-normal", str(frames), "--n-val", "1", "--n-test-normal", "1", "--n-per-family", "1"]
-        cli("synth", "--out", str(out), "--size", "64", *sizes, "--format", "tar", "--no-progress")
+        cli("synth", "--out", str(out), "--size", size_flag(size), *sizes, "--format", "tar", "--no-progress")
         (out / "done").write_text("ok\n")
     return out
 
 
-def ensure_hd(work: Path, small: Path, frames: int, shard_size: int) -> Path:
-    """The first ``frames`` 64-px frames upscaled to 1920x1080 (bicubic) and saved as JPEG (q 90)."""
-    out = work / f"frames1080-{frames}"
+def ensure_hd(work: Path, small: Path, frames: int, shard_size: int, hd: FrameSize) -> Path:
+    """The first ``frames`` synth frames upscaled to ``hd`` (bicubic) and saved as JPEG (q 90)."""
+    out = work / f"frames{hd}-{frames}-from-{small.name}"
     if (out / "done").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +88,9 @@ def ensure_hd(work: Path, small: Path, frames: int, shard_size: int) -> Path:
                 assert record.data is not None
                 image = Image.open(io.BytesIO(record.data)).convert("RGB")
                 buffer = io.BytesIO()
-                image.resize((1920, 1080), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+                image.resize((hd.width, hd.height), Image.Resampling.BICUBIC).save(
+                    buffer, format="JPEG", quality=90
+                )
                 info = tarfile.TarInfo(f"{record.key}.jpg")
                 info.size = buffer.tell()
                 buffer.seek(0)
@@ -99,12 +107,12 @@ def sequential(
     A fresh session each time, as the command has: both pay onnxruntime's first-run set-up.
     """
     model = ModelRegistry(repo).load(name)
-    size = model.frame_shape[0]
+    size, rule = model.input_size, model.resize_rule
 
     def decode(data: bytes) -> np.ndarray:
         if draft:
-            return decode_resized(data, size)
-        return resize_frame(decode_frame(data), size)
+            return decode_resized(data, size, rule=rule)
+        return resize_frame(decode_frame(data), size, rule)
 
     started, cpu, frames, batch = time.perf_counter(), time.process_time(), 0, []
     for shard in list_shards(shards):
@@ -170,9 +178,11 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=ROOT / "runs" / "bench_batch", help="data, model, outputs"
     )
-    parser.add_argument("--frames", type=int, default=20000, help="64-px frames in tar shards")
-    parser.add_argument("--hd-frames", type=int, default=2000, help="1080p JPEG frames (0 skips)")
-    parser.add_argument("--shard-size", type=int, default=500, help="1080p frames per tar shard")
+    parser.add_argument("--frames", type=int, default=20000, help="synth frames in tar shards")
+    parser.add_argument("--size", default="256x144", help="synth frames and the made model, WxH (256x144)")
+    parser.add_argument("--hd-frames", type=int, default=2000, help="camera-sized JPEG frames (0 skips)")
+    parser.add_argument("--hd-size", default="1920x1080", help="camera-sized frames, WxH (1920x1080)")
+    parser.add_argument("--shard-size", type=int, default=500, help="camera-sized frames per tar shard")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="decode workers of the command"
@@ -182,24 +192,26 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
+    size, hd_size = frame_size(args.size), frame_size(args.hd_size)
     args.work.mkdir(parents=True, exist_ok=True)
-    repo, name = (args.repo, args.model) if args.repo and args.model else ensure_model(args.work)
+    repo, name = (args.repo, args.model) if args.repo and args.model else ensure_model(args.work, size)
     model = ModelRegistry(repo).load(name)
-    print(f"model {name}/{model.version} ({model.frame_shape[0]} px) on {model.providers[0]}; batch "
-          f"{args.batch_size}; {os.cpu_count()} cores; load {os.getloadavg()}", flush=True)  # fmt: skip
-    small = ensure_frames(args.work, args.frames)
+    print(f"model {name}/{model.version} (input {model.input_size}, {model.resize_rule}) on "
+          f"{model.providers[0]}; frames {size} and {hd_size}; batch {args.batch_size}; "
+          f"{os.cpu_count()} cores; load {os.getloadavg()}", flush=True)  # fmt: skip
+    small = ensure_frames(args.work, args.frames, size)
     small_shards = sorted(small.glob("train-*.tar"))
     out = args.work / "out"
     b, w = args.batch_size, args.workers
-    rounds("64px", args.repeat, {
+    rounds(str(size), args.repeat, {
         "reference": lambda: sequential(repo, name, small_shards, b),
         "edgecase score threads": lambda: command(repo, name, small_shards, out / "t", b, "thread", w),
         "edgecase score processes": lambda: command(repo, name, small_shards, out / "p", b, "process", w),
     })  # fmt: skip
     if args.hd_frames:
-        hd = ensure_hd(args.work, small, args.hd_frames, args.shard_size)
+        hd = ensure_hd(args.work, small, args.hd_frames, args.shard_size, hd_size)
         hd_shards = sorted(hd.glob("hd-*.tar"))
-        rounds("1080p", args.repeat, {
+        rounds(str(hd_size), args.repeat, {
             "reference": lambda: sequential(repo, name, hd_shards, b),
             "reference, draft off": lambda: sequential(repo, name, hd_shards, b, draft=False),
             "edgecase score threads": lambda: command(repo, name, hd_shards, out / "ht", b, "thread", w),

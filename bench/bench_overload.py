@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=None, help="model repository (default: models/)")
     parser.add_argument("--model", default=None, help="model name (default: the first in the repo)")
     parser.add_argument("--data", type=Path, default=None, help="take normal frames from this folder/shards")
+    parser.add_argument(
+        "--size", default="256x144", help="the test graph's input, WxH (only when no exported model is used)"
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--frames-per-request", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per point")
@@ -270,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         workdir = Path(tmp)
-        repo, name, label = pick_model(args.repo, args.model, workdir)
+        repo, name, label = pick_model(args.repo, args.model, workdir, args.size)
         from service.registry import ModelRegistry
 
-        size = ModelRegistry(repo).load(name).frame_shape[0]
-        _, pngs = make_frames(size, 64, args.data)
+        loaded = ModelRegistry(repo).load(name)
+        _, pngs = make_frames(loaded.input_size, 64, args.data, rule=loaded.resize_rule)
         print(f"model {label}; PNG {statistics.mean(map(len, pngs)) / 1024:.1f} KiB each", flush=True)
         process, url = start_server(repo, name, workdir)
         points: list[OverloadPoint] = []

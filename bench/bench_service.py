@@ -15,9 +15,12 @@ The service also decodes and resizes each frame (PNG bytes in); in-process timin
 arrays, so the ratios charge HTTP, decoding, batching and the flagged store to the service.
 
 Model: `--repo/--model` (a real export, e.g. `models/`), else the first model found in `models/`, else a
-tiny brightness graph from tests/service_helpers.py, labelled as such in the output.
+tiny brightness graph from tests/service_helpers.py at `--size` (default 256x144, W x H), labelled as
+such in the output. Frames are made at the model's input size (H x W from its manifest), so the
+service's resize is a no-op and the ratios charge it only for the decode.
 
     python bench/bench_service.py --repo models --seconds 5 --json bench-service.json
+    python bench/bench_service.py --size 256x144 --seconds 1 --warmup 0.5 --concurrency 8 --rounds 1
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+
+from contract.frames import RESIZE_RULE, FrameSize  # noqa: E402
 
 TARGET_C32_ONE_FRAME = 0.7
 TARGET_C32_BATCH = 0.85
@@ -77,8 +82,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def pick_model(repo: Path | None, name: str | None, workdir: Path) -> tuple[Path, str, str]:
-    """(repo, model name, label): a real export when one is there, else the tiny test graph."""
+def pick_model(
+    repo: Path | None, name: str | None, workdir: Path, size: str = "256x144"
+) -> tuple[Path, str, str]:
+    """(repo, model name, label): a real export when one is there, else the tiny test graph at ``size``."""
     from service.registry import ModelRegistry
 
     for candidate in [repo] if repo else [REPO_ROOT / "models"]:
@@ -92,17 +99,22 @@ def pick_model(repo: Path | None, name: str | None, workdir: Path) -> tuple[Path
             raise SystemExit(f"no model {name or ''} in {repo} (found: {sorted(found) or 'none'})")
     from service_helpers import publish_model
 
+    from contract.frames import frame_size
+
     tiny = workdir / "models"
-    publish_model(tiny, "tiny-brightness", 1, size=64, threshold=0.9)  # bench frames are not flagged
+    publish_model(tiny, "tiny-brightness", 1, size=size, threshold=0.9)  # bench frames are not flagged
     return (
         tiny,
         "tiny-brightness",
-        "tiny-brightness (TEST GRAPH from tests/service_helpers.py, 64x64, not a real model)",
+        f"tiny-brightness (TEST GRAPH from tests/service_helpers.py, {frame_size(size)}, not a real model)",
     )
 
 
-def make_frames(size: int, count: int, data: Path | None, seed: int = 0) -> tuple[np.ndarray, list[bytes]]:
-    """Frames as arrays and PNG bytes: normal frames from `data` (a synth folder), else smooth random ones.
+def make_frames(
+    size: FrameSize, count: int, data: Path | None, seed: int = 0, rule: str = RESIZE_RULE
+) -> tuple[np.ndarray, list[bytes]]:
+    """Frames of the model's ``size`` (H x W) as arrays and PNG bytes: normal frames from `data` (a synth
+    folder, resized by the model's ``rule``), else smooth random ones.
 
     Normal frames keep the flag rate (and so flagged-store writes) at the calibrated target FPR, as in
     production; random frames are out of distribution for a real model and would all be flagged.
@@ -112,7 +124,9 @@ def make_frames(size: int, count: int, data: Path | None, seed: int = 0) -> tupl
 
     if data is not None:
         normals = (
-            f.image for f in iter_frames(data, size=size) if f.meta.get("family", "normal") == "normal"
+            f.image
+            for f in iter_frames(data, size=size, rule=rule)
+            if f.meta.get("family", "normal") == "normal"
         )
         picked = list(itertools.islice(normals, count))
         if not picked:
@@ -120,8 +134,9 @@ def make_frames(size: int, count: int, data: Path | None, seed: int = 0) -> tupl
         frames = np.stack([picked[i % len(picked)] for i in range(count)])
     else:
         rng = np.random.default_rng(seed)
-        coarse = rng.integers(0, 256, (count, size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
-        frames = np.ascontiguousarray(np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :size, :size])
+        h, w = size
+        coarse = rng.integers(0, 256, (count, h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        frames = np.ascontiguousarray(np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :h, :w])
     return frames, [encode_png(frame, compress_level=6) for frame in frames]
 
 
@@ -505,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default=None, help="model name (default: the first in the repo)")
     parser.add_argument("--data", type=Path, default=None, help="take normal frames from this folder/shards")
+    parser.add_argument(
+        "--size", default="256x144", help="the test graph's input, WxH (only when no exported model is used)"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--frames-per-request", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point, at least")
@@ -528,13 +546,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         workdir = Path(tmp)
-        repo, name, label = pick_model(args.repo, args.model, workdir)
+        repo, name, label = pick_model(args.repo, args.model, workdir, args.size)
         from service.registry import ModelRegistry
 
-        size = ModelRegistry(repo).load(name).frame_shape[0]
-        frames, pngs = make_frames(size, 64, args.data)
+        loaded = ModelRegistry(repo).load(name)
+        size = loaded.input_size
+        frames, pngs = make_frames(size, 64, args.data, rule=loaded.resize_rule)
         print(
-            f"model {label}; frames {size}x{size}, PNG {statistics.mean(map(len, pngs)) / 1024:.1f} KiB each",
+            f"model {label}; frames {size} (W x H, {loaded.resize_rule}), "
+            f"PNG {statistics.mean(map(len, pngs)) / 1024:.1f} KiB each",
             flush=True,
         )
         batch_sizes = sorted(set(args.frames_per_request))

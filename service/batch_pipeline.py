@@ -8,7 +8,8 @@ decoded. The caller runs the one onnxruntime session on them, so reading, decodi
 overlap. At most ``depth`` batches are in flight, which bounds memory.
 
 Decoding is ``contract.frames.decode_resized``, the one bytes-to-model-input path (with JPEG
-draft mode), so a frame scores here as it does in the service.
+draft mode), at the manifest's H x W by its resize rule, so a frame scores here as it does in the
+service.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from contract.frames import DEFAULT_MAX_PIXELS, decode_resized
+from contract.frames import DEFAULT_MAX_PIXELS, FrameSize, decode_resized
 from contract.readers import Record
 from contract.shards import Shard, shard_records
 
@@ -42,8 +43,11 @@ class Decoded:
     seconds: float
 
 
-def decode_batch(datas: Sequence[bytes | None], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode and resize one batch (runs in a pool worker; module-level so it pickles)."""
+def decode_batch(
+    datas: Sequence[bytes | None], size: FrameSize, max_pixels: int = DEFAULT_MAX_PIXELS, *, rule: str
+) -> Decoded:
+    """Decode and resize one batch to ``size`` by ``rule`` (runs in a pool worker; module-level so it
+    pickles)."""
     started = time.perf_counter()
     images: list[npt.NDArray[np.uint8] | None] = []
     errors: list[str | None] = []
@@ -53,7 +57,7 @@ def decode_batch(datas: Sequence[bytes | None], size: int, max_pixels: int = DEF
             errors.append(None)  # the record already says why
             continue
         try:
-            images.append(decode_resized(data, size, max_pixels=max_pixels))
+            images.append(decode_resized(data, size, rule=rule, max_pixels=max_pixels))
             errors.append(None)
         except ValueError as exc:  # FrameDecodeError and anything ValueError-shaped
             images.append(None)
@@ -93,7 +97,8 @@ _END = object()
 def decoded_batches(
     shards: Sequence[Shard],
     *,
-    size: int,
+    size: FrameSize,
+    rule: str,
     batch_size: int,
     pool: Executor,
     depth: int,
@@ -101,7 +106,8 @@ def decoded_batches(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     records_of: Callable[[Shard], Iterator[Record]] = shard_records,
 ) -> Iterator[Item]:
-    """Decoded batches of ``shards`` in reading order, an end ``Item`` after each shard.
+    """Decoded batches of ``shards`` in reading order (model inputs of ``size`` by ``rule``), an end
+    ``Item`` after each shard.
 
     A shard's file-level error arrives as a ``whole_source`` record in its last batch. Closing the
     iterator (or an exception in the caller) stops the reader thread within one batch.
@@ -119,7 +125,7 @@ def decoded_batches(
         return False
 
     def submit(shard: Shard, batch: list[Record]) -> bool:
-        future = pool.submit(decode_batch, [record.data for record in batch], size, max_pixels)
+        future = pool.submit(decode_batch, [record.data for record in batch], size, max_pixels, rule=rule)
         return put((Item(shard, batch), future))
 
     def read() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from contract.frames import FrameSize
 from contract.readers import Record
 from contract.shards import Shard, shard_records
 from contract.storage import RemotePath, make_dirs
@@ -73,12 +74,12 @@ def _read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         }
 
 
-def _decode(batch: dict[str, npt.NDArray[Any]], size: int) -> dict[str, npt.NDArray[Any]]:
+def _decode(batch: dict[str, npt.NDArray[Any]], size: FrameSize, rule: str) -> dict[str, npt.NDArray[Any]]:
     """Decode a batch in a CPU task; failed frames get zeros and their reason in ``decode_error``."""
     pairs = zip(batch["data"], batch["error"], strict=True)
     datas = [data if isinstance(data, bytes) and _text(error) is None else None for data, error in pairs]
-    decoded = decode_batch(datas, size)
-    images = np.zeros((len(datas), size, size, 3), dtype=np.uint8)
+    decoded = decode_batch(datas, size, rule=rule)
+    images = np.zeros((len(datas), size.height, size.width, 3), dtype=np.uint8)
     for i, image in enumerate(decoded.images):
         if image is not None:
             images[i] = image
@@ -160,7 +161,6 @@ def score_shards_ray(
 
     options = options or BatchOptions()
     options.check()
-    size = model.frame_shape[0]
     meta = model_metadata(model)
     summary = RunSummary(meta, "ray", options.max_frame_errors)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -182,7 +182,11 @@ def score_shards_ray(
         dataset = (
             ray.data.from_items(items)
             .flat_map(_read_shard)
-            .map_batches(partial(_decode, size=size), batch_size=options.batch_size, batch_format="numpy")
+            .map_batches(
+                partial(_decode, size=model.input_size, rule=model.resize_rule),
+                batch_size=options.batch_size,
+                batch_format="numpy",
+            )
             .map_batches(
                 _Scorer,
                 fn_constructor_kwargs={"repo": repo, "name": model.name, "version": model.version},

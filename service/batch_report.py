@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from contract.frames import RESIZE_RULE, FrameSize
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError, load_manifest
 from contract.readers import ReadReport, iter_frames
 from service import drift, report_figures, report_markdown
@@ -36,6 +37,8 @@ REPORT_DIR = "report"
 META_KEYS = ("model", "version", "head", "threshold", "target_fpr", "model_sha256", "edgecase_version")
 COLUMNS = ("key", "source", "score", "p_value", "is_edge_case", "error")
 TILE_PX = 128
+"""The longer side of a top frame's tile; the other follows the model input's aspect."""
+SQUARE_TILE = FrameSize(TILE_PX, TILE_PX)
 
 
 class ReportError(ValueError):
@@ -241,8 +244,22 @@ def _common_tail(a: Sequence[str], b: Sequence[str]) -> int:
     return n
 
 
-def read_back(frames: Sequence[TopFrame], data: Sequence[Path]) -> list[npt.NDArray[np.uint8] | str]:
-    """Each frame decoded from its shard and resized by the one rule to TILE_PX, or why it could not be."""
+def tile_size(model_input: FrameSize) -> FrameSize:
+    """A tile of the model input's aspect with its longer side TILE_PX (256x144 -> 128x72)."""
+    long_side = max(model_input.height, model_input.width)
+    scale = TILE_PX / long_side
+    return FrameSize(max(1, round(model_input.height * scale)), max(1, round(model_input.width * scale)))
+
+
+def read_back(
+    frames: Sequence[TopFrame],
+    data: Sequence[Path],
+    *,
+    size: FrameSize = SQUARE_TILE,
+    rule: str = RESIZE_RULE,
+) -> list[npt.NDArray[np.uint8] | str]:
+    """Each frame decoded from its shard and resized by ``rule`` to ``size`` (the model's rule, at
+    ``tile_size`` of its input: what the model saw, smaller), or why it could not be."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for top in frames:
         wanted[top.source].add(top.key)
@@ -256,7 +273,7 @@ def read_back(frames: Sequence[TopFrame], data: Sequence[Path]) -> list[npt.NDAr
         report = ReadReport()
         single = path.is_file() and path.suffix.lower() not in (".tar", ".parquet")  # one loose image
         try:
-            for read in iter_frames(path, size=TILE_PX, report=report, keys=None if single else keys):
+            for read in iter_frames(path, size=size, rule=rule, report=report, keys=None if single else keys):
                 found[(source, next(iter(keys)) if single else read.key)] = read.image
         except (OSError, ValueError) as exc:
             report.add_source_error(str(path), str(exc))
@@ -324,10 +341,11 @@ def write_report(
         ),  # fmt: skip
     }
     top = top_frames(run, top_k)
+    tile = tile_size(manifest.input.size)
     if top:
         captions = [f"#{t.rank} {t.score:.4g}\np={t.p_value:.2g}\n{_short(t.key)}" for t in top]
         figures["top_frames"] = report_figures.plot_frame_grid(
-            read_back(top, data), captions, out / "top_frames.png"
+            read_back(top, data, size=tile, rule=manifest.input.resize_rule), captions, out / "top_frames.png"
         )
     edge_cases = sum(s.edge_cases for s in run.shards)
     numbers: dict[str, Any] = {
@@ -349,9 +367,7 @@ def write_report(
         "top_frames": [asdict(t) for t in top],
     }
     markdown = out / "report.md"
-    text = report_markdown.render(
-        run, manifest, numbers, figures, out, tile_px=TILE_PX, summary_file=SUMMARY_FILE
-    )
+    text = report_markdown.render(run, manifest, numbers, figures, out, tile=tile, summary_file=SUMMARY_FILE)
     _atomic_write(markdown, text)
     _atomic_write(out / "report.json", json.dumps(numbers, indent=2, default=_json_default) + "\n")
     return Report(markdown=markdown, figures=figures, numbers=numbers)

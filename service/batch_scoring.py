@@ -2,10 +2,10 @@
 
 The same pieces as the HTTP path, minus HTTP: ``contract.shards`` lists and reads the shards
 (folders, tar, Parquet; local paths or fsspec URLs), ``service.batch_pipeline`` reads and decodes
-ahead (``decode_resized``, the service's decode) in a pool while this module runs the one
-onnxruntime session on whole batches, p-values come from the manifest's calibration scores, and a
-frame is an edge case by ``contract.manifest.is_edge_case``. ``service.batch_output`` writes each
-shard's file atomically and ``_summary.json`` at the end.
+ahead (``decode_resized`` at the manifest's H x W by its resize rule, the service's decode) in a
+pool while this module runs the one onnxruntime session on whole batches, p-values come from the
+manifest's calibration scores, and a frame is an edge case by ``contract.manifest.is_edge_case``.
+``service.batch_output`` writes each shard's file atomically and ``_summary.json`` at the end.
 
 Order of a shard's writes, so that a kill at any point is harmless: its flags first (idempotent: each
 carries the key ``batch_flag_key`` makes from model, version, shard and frame key, which the store
@@ -123,9 +123,6 @@ def score_shards(
     """Score ``shards`` into ``out_dir`` (a ``Path`` or ``RemotePath``) with the local engine."""
     options = options or BatchOptions()
     options.check()
-    height, width, _ = model.frame_shape
-    if height != width:
-        raise ValueError(f"{model.name}/{model.version}: the resize rule needs a square input")
     meta = model_metadata(model)
     summary = RunSummary(meta, "local", options.max_frame_errors)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -136,8 +133,8 @@ def score_shards(
     with make_pool(options.pool, options.workers) as pool:
         open_shards: dict[str, OpenShard] = {}
         for item in decoded_batches(
-            todo, size=height, batch_size=options.batch_size, pool=pool, depth=2 * options.workers + 2,
-            times=times,
+            todo, size=model.input_size, rule=model.resize_rule, batch_size=options.batch_size, pool=pool,
+            depth=2 * options.workers + 2, times=times,
         ):  # fmt: skip
             state = open_shards.setdefault(item.shard.name, OpenShard())
             if item.records is None:  # the shard is read: flags, then its file

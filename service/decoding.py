@@ -10,9 +10,11 @@ two million tiny items stop at the limit instead of being built. Each part's dec
 
 Memory is bounded by decoded pixels, not bytes received: `prepare_batch` reads every frame's header
 first (`contract.frames.probe_frame`) and refuses the request (413, naming the frame) when one frame or
-the request's total of pixels that will really be decoded (JPEG draft counted) is over its limit; only
+the request's total of pixels that will really be decoded (a JPEG at the draft scale
+`contract.frames.draft_request` asks for the model's H x W and resize rule) is over its limit; only
 then does it decode, and each frame is resized to the model's input right after it is decoded
-(`contract.frames.decode_resized`), so one full-size frame at a time is alive per decode thread.
+(`contract.frames.decode_resized` with the manifest's `input.size` and `input.resize_rule`), so one
+full-size frame at a time is alive per decode thread.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from starlette.requests import Request
 
 from contract.frames import (
     FrameDecodeError,
+    FrameSize,
     FrameTooLargeError,
     UnsupportedFormatError,
     decode_resized,
+    draft_request,
     probe_frame,
 )
 from service.errors import (
@@ -232,12 +236,12 @@ def frame_error(payload: Payload, exc: FrameDecodeError) -> ServiceError:
     return CorruptFrameError(detail, frame=payload.key)
 
 
-def probe_payloads(payloads: Sequence[Payload], size: int, limits: PixelLimits) -> int:
+def probe_payloads(payloads: Sequence[Payload], size: FrameSize, limits: PixelLimits, *, rule: str) -> int:
     """Read every header (no pixel decoded); the pixels the decode will produce, or 413 naming the frame.
 
     Per frame the header's full size counts against ``limits.per_frame`` (what Pillow would allocate
-    without draft); per request the pixels really decoded (a large JPEG at its draft scale for a
-    ``size`` model) count against ``limits.per_request``.
+    without draft); per request the pixels really decoded (a large JPEG at the draft scale that
+    ``draft_request`` asks for a ``size`` model under ``rule``) count against ``limits.per_request``.
     """
     total = 0
     for payload in payloads:
@@ -251,7 +255,7 @@ def probe_payloads(payloads: Sequence[Payload], size: int, limits: PixelLimits) 
                 f"the limit of {limits.per_frame:,} per frame",
                 frame=payload.key,
             )
-        total += header.decoded_pixels(size)
+        total += header.decoded_pixels(draft_request(header.width, header.height, size, rule))
         if total > limits.per_request:
             raise PayloadTooLargeError(
                 f"frame {payload.key!r} brings the request to {total:,} decoded pixels; the limit is "
@@ -261,20 +265,25 @@ def probe_payloads(payloads: Sequence[Payload], size: int, limits: PixelLimits) 
     return total
 
 
-def decode_batch(payloads: Sequence[Payload], size: int, max_pixels: int) -> npt.NDArray[np.uint8]:
-    """Decode and resize each frame into one NHWC uint8 batch (blocking): one full-size frame at a time."""
-    batch = np.empty((len(payloads), size, size, 3), dtype=np.uint8)
+def decode_batch(
+    payloads: Sequence[Payload], size: FrameSize, max_pixels: int, *, rule: str
+) -> npt.NDArray[np.uint8]:
+    """Decode and resize each frame into one NHWC uint8 ``[N, H, W, 3]`` batch (blocking): one full-size
+    frame at a time, resized by ``rule`` (the manifest's)."""
+    batch = np.empty((len(payloads), size.height, size.width, 3), dtype=np.uint8)
     for i, payload in enumerate(payloads):
         try:
             batch[i] = decode_resized(
-                payload.data, size, max_pixels=max_pixels, content_type=payload.content_type
+                payload.data, size, rule=rule, max_pixels=max_pixels, content_type=payload.content_type
             )
         except FrameDecodeError as exc:
             raise frame_error(payload, exc) from exc
     return batch
 
 
-def prepare_batch(payloads: Sequence[Payload], size: int, limits: PixelLimits) -> npt.NDArray[np.uint8]:
+def prepare_batch(
+    payloads: Sequence[Payload], size: FrameSize, limits: PixelLimits, *, rule: str
+) -> npt.NDArray[np.uint8]:
     """Every header checked against the limits first, then decode + resize (blocking: one job, one thread)."""
-    probe_payloads(payloads, size, limits)
-    return decode_batch(payloads, size, limits.per_frame)
+    probe_payloads(payloads, size, limits, rule=rule)
+    return decode_batch(payloads, size, limits.per_frame, rule=rule)

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from contract.frames import FrameSize
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, ManifestError, file_entry, load_manifest
 from contract.repository import list_versions, version_of
 from contract.sessions import open_session, resolve_providers
@@ -59,6 +60,16 @@ class LoadedModel:
     @property
     def frame_shape(self) -> tuple[int, int, int]:
         return self.manifest.input.frame_shape
+
+    @property
+    def input_size(self) -> FrameSize:
+        """(height, width) of the model input; every frame is resized to it by `resize_rule`."""
+        return self.manifest.input.size
+
+    @property
+    def resize_rule(self) -> str:
+        """The manifest's resize rule (contract.frames.RESIZE_RULES): the one the model was trained with."""
+        return self.manifest.input.resize_rule
 
     @property
     def output_names(self) -> list[str]:
@@ -165,6 +176,7 @@ def _verify_signature(model_path: Path, session: ort.InferenceSession, manifest:
             f"manifest says {list(spec.frame_shape)}"
         )
 
+    _verify_map_spec(model_path, manifest)
     graph_outputs = {o.name: o for o in session.get_outputs()}
     for out in manifest.outputs:
         if out.name not in graph_outputs:
@@ -189,6 +201,20 @@ def _verify_signature(model_path: Path, session: ort.InferenceSession, manifest:
     extra = sorted(set(graph_outputs) - set(manifest.output_names))
     if extra:
         raise ModelLoadError(f"{model_path}: graph has outputs the manifest does not list: {extra}")
+
+
+def _verify_map_spec(model_path: Path, manifest: Manifest) -> None:
+    """An anomaly map is per input pixel, [N, H, W] of the model input (what /score?maps=true returns)."""
+    spec = next((o for o in manifest.outputs if o.name == "anomaly_map"), None)
+    if spec is None:
+        return
+    h, w = manifest.input.height, manifest.input.width
+    fixed = zip(spec.shape[1:], (h, w), strict=False)
+    if len(spec.shape) != 3 or any(isinstance(d, int) and d != want for d, want in fixed):
+        raise ModelLoadError(
+            f"{model_path}: manifest says anomaly_map is {spec.shape}; a map is [N, {h}, {w}], "
+            "the model input's height and width"
+        )
 
 
 def warm_up(model: LoadedModel, batch_sizes: Sequence[int]) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract.frames import FrameSize
 from contract.manifest import Manifest, quantiles_of
 from service import drift
 
@@ -45,7 +46,7 @@ def render(
     figures: dict[str, Path],
     out: Path,
     *,
-    tile_px: int,
+    tile: FrameSize,
     summary_file: str,
 ) -> str:
     """report.md for one run: headline, scores vs calibration, drift and its method, shards, top frames."""
@@ -145,8 +146,8 @@ def render(
         lines += [
             f"![top frames]({rel['top_frames']})",
             "",
-            f"Highest scores first, read back from their shards (centre-cropped and resized to {tile_px} px "
-            "by the model's resize rule).",
+            f"Highest scores first, read back from their shards and resized to {tile} by the model's "
+            f"resize rule (`{manifest.input.resize_rule}`, as it sees them at {manifest.input.size}).",
             "",
             _table(
                 ["rank", "key", "source", "score", "p-value"],

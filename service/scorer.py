@@ -18,6 +18,7 @@ import base64
 import functools
 import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +60,10 @@ class FrameResult(BaseModel):
     flagged_id: int | None = Field(None, description="id in the flagged store (edge cases only)")
     anomaly_map: str | None = Field(
         None,
-        description="with ?maps=true, for heads that have one: base64 8-bit grey PNG, min-max scaled per "
-        "frame; value = anomaly_map_min + pixel / 255 * (anomaly_map_max - anomaly_map_min)",
+        description="with ?maps=true, for heads that have one: base64 8-bit grey PNG of the model input's "
+        "full H x W (the frame as resized by the model's resize rule; with fit-pad-bilinear the padding "
+        "bars are part of the map), min-max scaled per frame; "
+        "value = anomaly_map_min + pixel / 255 * (anomaly_map_max - anomaly_map_min)",
     )
     anomaly_map_min: float | None = None
     anomaly_map_max: float | None = None
@@ -148,32 +151,28 @@ async def _infer(pool: ModelPool, payloads: list[Payload], options: ScoreOptions
     async with pool.lease(options.model, options.version) as serving:
         note_model(serving.model.name, serving.model.version)
         limits = PixelLimits(per_frame=options.max_pixels, per_request=options.max_request_pixels)
-        size = _input_side(serving)
+        # The model's H x W and the rule it was trained with, both from its manifest.
+        size, rule = serving.model.input_size, serving.model.resize_rule
         # A few frames' headers are read here (~30 us each), the rest's in a decode thread; either way
         # all of them before any decode. The pixel count, not the bytes, then decides where decoding runs.
-        pixels = probe_payloads(payloads, size, limits) if len(payloads) <= INLINE_PROBE_FRAMES else None
+        few = len(payloads) <= INLINE_PROBE_FRAMES
+        pixels = probe_payloads(payloads, size, limits, rule=rule) if few else None
         if pixels is not None and pixels <= INLINE_DECODE_PIXELS:
             # A few small frames decode in a fraction of a millisecond, less than a hop to a thread costs.
-            batch = decode_batch(payloads, size, limits.per_frame)
+            batch = decode_batch(payloads, size, limits.per_frame, rule=rule)
         else:
             with serving.batcher.incoming():
                 if pixels is None:
-                    batch = await _in_decoder(options, prepare_batch, payloads, size, limits)
+                    job = functools.partial(prepare_batch, payloads, size, limits, rule=rule)
                 else:
-                    batch = await _in_decoder(options, decode_batch, payloads, size, limits.per_frame)
+                    job = functools.partial(decode_batch, payloads, size, limits.per_frame, rule=rule)
+                batch = await _in_decoder(options, job)
         return serving, await serving.batcher.submit(batch)
 
 
-def _input_side(serving: Serving) -> int:
-    h, w, _ = serving.model.frame_shape
-    if h != w:
-        raise ValueError(f"the center-crop-bilinear rule makes square frames; model wants {h}x{w}")
-    return int(h)
-
-
-async def _in_decoder(options: ScoreOptions, fn: Any, *args: Any) -> Any:
+async def _in_decoder(options: ScoreOptions, job: Callable[[], Any]) -> Any:
     """Run blocking decode work on the app's decode threads (bounded: memory is one frame per thread)."""
-    return await asyncio.get_running_loop().run_in_executor(options.decoder, functools.partial(fn, *args))
+    return await asyncio.get_running_loop().run_in_executor(options.decoder, job)
 
 
 async def _flag(

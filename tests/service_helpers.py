@@ -4,13 +4,18 @@ Everything here is real: graphs are built with the `onnx` helper API and loaded 
 manifest validates against `contract.manifest.Manifest`, and the server is uvicorn in a subprocess
 on a free loopback port, talked to over HTTP. No torch.
 
-The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (shape [N, S, S]) and
+The test graph ("brightness"): `anomaly_map = mean over RGB of frames / 255` (shape [N, H, W]) and
 `score = mean of anomaly_map` (shape [N]), so a frame's score is its mean brightness in [0, 1]:
 a black frame scores 0, a white frame 1. With the default threshold 0.5, bright frames are edge cases.
+Sizes are anything `contract.frames.frame_size` reads: `8` (8x8), `"64x36"` (W x H) or `(36, 64)`.
 
-Stable names used by other test modules: `build_brightness_graph`, `build_failing_graph`,
-`publish_model`, `publish_broken`,
-`solid_png`, `free_port`, `start_server`, `running_server`, `RunningServer`, `wait_until`.
+The "weighted" graph (`build_weighted_graph`) is the brightness graph with a fixed random weight per
+pixel and channel, so its score moves when any pixel moves: the graph that pins which pixels a resize
+rule hands the model (`onnx_outputs` runs it directly, for the expected values).
+
+Stable names used by other test modules: `build_brightness_graph`, `build_weighted_graph`,
+`build_failing_graph`, `publish_model`, `publish_broken`, `solid_png`, `textured_png`, `onnx_outputs`,
+`free_port`, `start_server`, `running_server`, `RunningServer`, `wait_until`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper
 from PIL import Image
 
+from contract.frames import frame_size
 from contract.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, file_entry, quantiles_of
 from service.launch import free_port, responds, wait_until
 
@@ -43,9 +49,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CALIBRATION = [round(0.30 + 0.01 * i, 2) for i in range(20)]
 
 
-def build_brightness_graph(size: int = 8, *, with_map: bool = True, opset: int = 17) -> bytes:
-    """Serialized ONNX graph: uint8 NHWC [N, size, size, 3] -> score [N] (+ anomaly_map [N, size, size])."""
-    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", size, size, 3])
+Size = int | str | tuple[int, int]
+
+
+def build_brightness_graph(size: Size = 8, *, with_map: bool = True, opset: int = 17) -> bytes:
+    """Serialized ONNX graph: uint8 NHWC [N, H, W, 3] -> score [N] (+ anomaly_map [N, H, W])."""
+    h, w = frame_size(size)
+    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", h, w, 3])
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
     outputs = [score]
     nodes = [
@@ -56,13 +66,52 @@ def build_brightness_graph(size: int = 8, *, with_map: bool = True, opset: int =
     ]
     if with_map:
         nodes.append(helper.make_node("Identity", ["map"], ["anomaly_map"]))
-        outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]))
+        outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h, w]))
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0])
     graph = helper.make_graph(nodes, "brightness", [frames], outputs, initializer=[scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def build_weighted_graph(size: Size, *, seed: int = 0) -> bytes:
+    """uint8 NHWC [N, H, W, 3] -> anomaly_map [N, H, W] = mean over RGB of frames * weights / 255, and
+    score [N] = its mean; weights fixed, uniform in [0, 1) per pixel and channel (from ``seed``)."""
+    h, w = frame_size(size)
+    weights = np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
+    frames = helper.make_tensor_value_info("frames", TensorProto.UINT8, ["N", h, w, 3])
+    nodes = [
+        helper.make_node("Cast", ["frames"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "weights"], ["weighted"]),
+        helper.make_node("ReduceMean", ["weighted"], ["channel_mean"], axes=[3], keepdims=0),
+        helper.make_node("Div", ["channel_mean", "scale"], ["anomaly_map"]),
+        helper.make_node("ReduceMean", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
+    ]
+    initializers = [
+        helper.make_tensor("weights", TensorProto.FLOAT, [h, w, 3], weights.ravel().tolist()),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", h, w]),
+    ]
+    graph = helper.make_graph(nodes, "weighted", [frames], outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def onnx_outputs(version_dir: Path, frame: np.ndarray) -> dict[str, np.ndarray]:
+    """A published graph run directly by onnxruntime (a session of its own) on one uint8 (H, W, 3) frame:
+    output name -> value for that frame (score a float array of shape (), anomaly_map [H, W])."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(Path(version_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {"frames": np.ascontiguousarray(frame[None])})
+    return {name: value[0] for name, value in zip(names, values, strict=True)}
 
 
 def build_failing_graph(size: int = 8) -> bytes:
@@ -88,16 +137,24 @@ def manifest_for(
     version: int,
     model_bytes_path: Path,
     *,
-    size: int,
+    size: Size,
     threshold: float,
     with_map: bool,
     calibration: list[float],
+    resize_rule: str | None = None,
 ) -> Manifest:
-    """A valid manifest for a brightness graph already written at `model_bytes_path`."""
+    """A valid manifest for a brightness graph already written at `model_bytes_path`.
+
+    `resize_rule` None leaves the field out: the schema's default (fit-pad-bilinear) applies.
+    """
+    h, w = frame_size(size)
     scores = sorted(calibration)
     outputs: list[dict[str, Any]] = [{"name": "score", "shape": ["N"]}]
     if with_map:
-        outputs.append({"name": "anomaly_map", "shape": ["N", size, size]})
+        outputs.append({"name": "anomaly_map", "shape": ["N", h, w]})
+    model_input: dict[str, Any] = {"height": h, "width": w}
+    if resize_rule is not None:
+        model_input["resize_rule"] = resize_rule
     return Manifest.model_validate(
         {
             "schema_version": 1,
@@ -110,7 +167,7 @@ def manifest_for(
                 "definition": "mean pixel brightness / 255 (a test graph)",
                 "units": "fraction",
             },
-            "input": {"height": size, "width": size},
+            "input": model_input,
             "outputs": outputs,
             "threshold": {"value": threshold, "target_fpr": 0.05, "calibration_n": len(scores)},
             "calibration": {"n": len(scores), "quantiles": quantiles_of(scores), "scores": scores},
@@ -133,13 +190,17 @@ def publish_model(
     name: str = "bright",
     version: int = 1,
     *,
-    size: int = 8,
+    size: Size = 8,
     threshold: float = 0.5,
     with_map: bool = True,
     calibration: list[float] | None = None,
     graph: bytes | None = None,
+    resize_rule: str | None = None,
 ) -> Path:
     """Write `repo/name/version/{model.onnx,manifest.json}` atomically (temp dot-folder, then rename).
+
+    `size` is the model input (8, "64x36" or (36, 64)); `resize_rule` names a rule in the manifest
+    (None: the schema's default, fit-pad-bilinear).
 
     `graph` replaces the brightness graph (e.g. garbage bytes); the manifest still lists its true hash,
     so only onnxruntime can refuse it.
@@ -160,6 +221,7 @@ def publish_model(
         threshold=threshold,
         with_map=with_map,
         calibration=calibration if calibration is not None else DEFAULT_CALIBRATION,
+        resize_rule=resize_rule,
     )
     manifest.write(tmp / MANIFEST_FILE)
     tmp.rename(final)
@@ -202,6 +264,20 @@ def solid_png(value: int, size: int = 8, *, width: int | None = None, fmt: str =
     array = np.full((size, width or size, 3), value, dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def textured_png(width: int, height: int, *, seed: int = 0, fmt: str = "PNG", **save: Any) -> bytes:
+    """A ``width x height`` frame with structure at every scale (gradients + blocks + noise): any change
+    of which pixels a resize keeps, or how it filters them, changes a weighted graph's score."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * xs / max(1, width - 1), 255 * ys / max(1, height - 1), 128 + 0 * xs], axis=2)
+    blocks = rng.integers(-60, 61, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)
+    noise = rng.normal(0, 25, (height, width, 3))
+    array = np.clip(base + blocks[:height, :width] + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save)
     return buffer.getvalue()
 
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 MAX_ERRORS_SHOWN = 5
 
 EXIT_CODES = """
+Frames of any size: each is decoded and resized to the model's input (the manifest's input.width x
+input.height) by the manifest's input.resize_rule, exactly as POST /score does.
+
 Output: OUT_DIR/<shard>.parquet per input shard (tar or Parquet file, or --chunk-size loose images),
 columns key, source, score, p_value, is_edge_case, error; OUT_DIR/_summary.json for the run.
 
@@ -137,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.repo, args.model, args.version)
     except (ValueError, FileNotFoundError, ModelLoadError, ImportError) as exc:
         raise CliError(str(exc).replace("frame source not found", "data not found")) from exc
-    height, width, _ = model.frame_shape
     print(
         f"model {model.name}/{model.version} on {model.providers[0]}: threshold {model.threshold:.6g} "
-        f"(target FPR {model.manifest.threshold.target_fpr:g}), input {height}x{width}; "
+        f"(target FPR {model.manifest.threshold.target_fpr:g}), input {model.input_size} (W x H) "
+        f"by {model.resize_rule}; "
         f"{len(shards):,} shard(s) -> {args.out}"
     )
     store = (

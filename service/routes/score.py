@@ -55,7 +55,9 @@ async def score(
     store: Annotated[Any, Depends(get_store)],
     model: Annotated[str | None, Query(max_length=200, description="model name; default: configured")] = None,
     version: Annotated[int | None, Query(ge=1, description="model version; default: highest")] = None,
-    maps: Annotated[bool, Query(description="add each frame's anomaly map (base64 PNG)")] = False,
+    maps: Annotated[
+        bool, Query(description="add each frame's anomaly map (base64 grey PNG, the model input's H x W)")
+    ] = False,
 ) -> Response:
     """Score frames: score, p-value, threshold and edge-case flag per frame; edge cases are stored."""
     payloads = await parse_payloads(

@@ -60,5 +60,6 @@ def test_batch_scores_equal_the_services_for_the_same_bytes(tmp_path: Path) -> N
 
     # The service's decode of the same bytes (drafted JPEG included): the same scores, exactly.
     payloads = [Payload(key, blob) for key, blob in frames.items()]
-    service_scores = model.score(decode_batch(payloads, SIZE, max_pixels=40_000_000))["score"]
+    decoded = decode_batch(payloads, model.input_size, 40_000_000, rule=model.resize_rule)
+    service_scores = model.score(decoded)["score"]
     assert batch == dict(zip(frames, map(float, service_scores), strict=True))

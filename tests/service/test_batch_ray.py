@@ -67,7 +67,7 @@ def test_local_and_ray_engines_write_identical_files(local_ray: None, tmp_path: 
     from service.batch_ray import score_shards_ray
 
     repo = tmp_path / "models"
-    publish_model(repo, "bright", 1, size=8)
+    publish_model(repo, "bright", 1, size="16x9")  # a 16:9 model: every frame here is fitted and padded
     model = ModelRegistry(repo).load("bright")
     make_data(tmp_path / "data")
     shards = list_shards([tmp_path / "data"], chunk_size=2)

@@ -84,7 +84,7 @@ def test_every_frame_gets_a_row_in_its_shards_file(model, data: Path, tmp_path: 
     ]
     rows = read_rows(out)
     expected = {
-        "loose/cam/dark": 20,
+        "loose/cam/dark": 20 * 5 / 8,  # fit-pad: the 16x24 frame becomes 5 of the 8 rows, the rest black
         "loose/cam/bright": 240,
         "test/x/x_000000": 10,
         "test/x/x_000001": 200,

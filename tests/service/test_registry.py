@@ -171,6 +171,23 @@ def test_a_manifest_whose_input_size_disagrees_with_the_graph_is_refused(tmp_pat
         ModelRegistry(tmp_path).load("m", 1)
 
 
+def test_a_map_not_declared_at_the_inputs_height_and_width_is_refused(tmp_path: Path) -> None:
+    # /score?maps=true promises the model input's full resolution: a graph whose map axes are symbolic
+    # passes the graph check, so the manifest's declared shape is what must say [N, H, W].
+    graph = tiny_graph()
+    for axis, name in ((1, "H"), (2, "W")):
+        graph.graph.output[1].type.tensor_type.shape.dim[axis].dim_param = name
+    folder = publish(tmp_path, "m", 1, graph=graph)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["outputs"][1]["shape"] = ["N", 4, 4]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"anomaly_map is \['N', 4, 4\]; a map is \[N, 8, 8\]"):
+        ModelRegistry(tmp_path).load("m", 1)
+    data["outputs"][1]["shape"] = ["N", SIZE, SIZE]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    assert ModelRegistry(tmp_path).load("m", 1).score(frames(2))["anomaly_map"].shape == (2, SIZE, SIZE)
+
+
 def test_a_graph_missing_a_manifest_output_is_refused(tmp_path: Path) -> None:
     publish(tmp_path, "m", 1, graph=tiny_graph(with_map=False))  # the manifest lists anomaly_map
     with pytest.raises(ModelLoadError, match=r"model\.onnx: graph has no output 'anomaly_map'"):

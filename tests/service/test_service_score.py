@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 from service_helpers import DEFAULT_CALIBRATION, RunningServer, publish_model, running_server, solid_png
 
+from contract.frames import RESIZE_RULE, resize_frame
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
@@ -89,17 +91,21 @@ def test_frames_of_another_size_are_resized_by_the_manifest_rule(client: httpx.C
         ("files", ("big.png", solid_png(100, size=64))),
     ]
     results = client.post("/score", files=files).json()["results"]
-    assert [r["score"] for r in results] == pytest.approx([100 / 255] * 3, abs=1e-6)
+    # fit-pad-bilinear: the whole 6x30 frame becomes a 2x8 band of the 8x8 input, the rest black bars.
+    assert [r["score"] for r in results] == pytest.approx([100 / 255, 100 / 255 * 2 / 8, 100 / 255], abs=1e-6)
 
 
-def test_centre_crop_then_resize_decides_what_the_model_sees(client: httpx.Client) -> None:
-    # A 8x24 frame: dark left and right thirds, bright centre; the centre crop keeps only the bright part.
+def test_the_whole_frame_is_scored_not_its_centre(client: httpx.Client) -> None:
+    # A 8x24 frame: dark left and right thirds, bright centre. A centre crop would keep only the bright
+    # part (score 1); fit-pad keeps all three thirds, resized into a band of the square input.
     pixels = np.zeros((8, 24, 3), dtype=np.uint8)
     pixels[:, 8:16] = 255
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     response = client.post("/score", content=buffer.getvalue(), headers={"Content-Type": "image/png"})
-    assert response.json()["results"][0]["score"] == pytest.approx(1.0)
+    seen = resize_frame(pixels, 8, RESIZE_RULE)
+    assert response.json()["results"][0]["score"] == pytest.approx(seen.mean() / 255, abs=1e-6)
+    assert seen.mean() / 255 < 0.2
 
 
 def test_maps_are_base64_grey_pngs_with_their_value_range(client: httpx.Client) -> None:
@@ -166,7 +172,7 @@ def test_models_lists_versions_providers_thresholds_and_input_spec(client: httpx
         "channels": 3,
         "dtype": "uint8",
         "layout": "NHWC",
-        "resize_rule": "center-crop-bilinear",
+        "resize_rule": "fit-pad-bilinear",
     }
     assert bright["has_anomaly_map"] and not by_name["plain"]["has_anomaly_map"]
 
