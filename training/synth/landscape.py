@@ -84,7 +84,10 @@ def paint_sun(scene: Scene, cv: Canvas, below: F32) -> None:
 
 def paint_hills(scene: Scene, cv: Canvas) -> None:
     """Hazy distant hills, then (in some frames) a dark tree line along the horizon."""
-    top_row = max(0, int(np.floor(float((scene.horizon - scene.hill_h).min()) * cv.height)) - 1)
+    # The tree line can stand taller than the hills: the rows painted must reach both in every frame,
+    # or a frame would depend on which other frames share its batch.
+    tallest = np.maximum(scene.hill_h, scene.treeline_h)
+    top_row = max(0, int(np.floor(float((scene.horizon - tallest).min()) * cv.height)) - 1)
     view = cv.rows(top_row, sky_rows(scene, cv))
     h, x = col(scene.horizon), view.xs
     f, p = scene.hill_freq, scene.hill_phase
