@@ -156,3 +156,13 @@ def test_painting_in_patches_equals_painting_the_whole_wide_frame() -> None:
     bounds = (x - 0.5 * sc, y - sc, x + 0.5 * sc, y + np.float32(0.01))
     paint_in_patches(patched, np.ones(n, bool), bounds, draw)
     assert whole.img.max() == 1.0 and np.array_equal(whole.img, patched.img)
+
+
+@pytest.mark.parametrize(("size", "cell"), [("256x144", (144, 256)), ("1920x1080", (135, 240))])
+def test_the_contact_sheet_keeps_the_aspect_and_stays_small(size: str, cell: tuple[int, int]) -> None:
+    """Full-HD frames are shown (and rendered for the sheet) 135x240: a sheet, not 96 HD renders."""
+    from training.synth.contact_sheet import HEADER_H, LABEL_W, PAD, PER_ROW, contact_sheet_image
+
+    sheet = contact_sheet_image(size, 0, ("pedestrian",))
+    cell_h, cell_w = cell
+    assert sheet.size == (LABEL_W + PER_ROW * (cell_w + PAD) + PAD, HEADER_H + 2 * (cell_h + PAD) + PAD)

@@ -31,7 +31,7 @@ def contact_sheet_image(
     object_distance: tuple[float, float] = OBJECT_DISTANCE_M,
 ) -> Image.Image:
     """Render the sheet: rows ``normal, *families``, cells upscaled to about 128 pixels tall (frames
-    taller than 256 pixels are scaled down to about 144, so a 1080p sheet stays a few megapixels)."""
+    taller than 256 pixels are shown, and rendered, about 144 tall: a 1080p sheet stays small)."""
     from training.synth.families import FAMILY_BY_NAME
 
     rows = [NORMAL, *[f for f in families if f != NORMAL]]
@@ -51,18 +51,20 @@ def contact_sheet_image(
     for r, name in enumerate(rows):
         generators = frame_generators(seed, (SHEET_STREAM, family_id(name)), range(PER_ROW))
         family = None if name == NORMAL else FAMILY_BY_NAME[name]
+        # Frames larger than their cells are rendered at the cell's size: the same scenes (same
+        # seeds, same aspect, hence the same camera), without rendering 96 full-HD frames for a
+        # picture that shows them 144 pixels tall.
         frames, _ = render_with_generators(
             generators,
-            (frame_h, frame_w),
+            (frame_h, frame_w) if shrink == 1 else (cell_h, cell_w),
             family,
             None if family is None else strengths,
             object_distance=object_distance,
         )
         top = HEADER_H + r * (cell_h + PAD) + PAD
         draw.text((PAD + 2, top + cell_h // 2 - 6), name, fill=(240, 240, 240))
-        resample = Image.Resampling.NEAREST if shrink == 1 else Image.Resampling.BILINEAR
         for c, frame in enumerate(frames):
-            tile = Image.fromarray(frame).resize((cell_w, cell_h), resample)
+            tile = Image.fromarray(frame).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             sheet.paste(tile, (LABEL_W + c * (cell_w + PAD), top))
     return sheet
 
