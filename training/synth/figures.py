@@ -53,15 +53,12 @@ def _depth_for_height(scene: Scene, height_px: F32, world_h: F32) -> F32:
     return np.clip(t, 0.03, 0.97).astype(np.float32)
 
 
-def _object_depth(ctx: RenderContext, legacy_t: F32) -> F32:
-    """Depth ``t`` of the family's object: the square rule's ``legacy_t``, or, in a pinhole (wide)
-    frame, the distance the strength picks in the ``object_distance`` range (recorded in ``ctx``)."""
-    scene = ctx.scene
-    if not scene.pinhole:
-        return legacy_t
+def _pinhole_depth(ctx: RenderContext) -> F32:
+    """Depth ``t`` of the family's object in a pinhole (wide) frame: at the distance the strength
+    picks in the ``object_distance`` range, recorded in ``ctx.distance``."""
     near, far = ctx.object_distance
     ctx.distance = distance_for_strength(ctx.strength, near, far)
-    return depth_at(scene, ctx.distance)
+    return depth_at(ctx.scene, ctx.distance)
 
 
 def visible_u(
@@ -101,7 +98,7 @@ def pedestrian_world(ctx: RenderContext) -> None:
     assert cv is not None
     height = (np.float32(0.5) * r.uniform(0.8, 1.1)).astype(np.float32)  # 1.75 m is half a lane width
     target = (np.float32(2.0) + np.float32(18.0) * s * s) * r.uniform(0.85, 1.1)  # ~4 px at 0.3, 20 at 1
-    t = _object_depth(ctx, _depth_for_height(scene, target, height))
+    t = _pinhole_depth(ctx) if scene.pinhole else _depth_for_height(scene, target, height)
     u = _lateral(ctx, t, 0.65)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * height  # screen units per person height
@@ -131,8 +128,8 @@ def animal_world(ctx: RenderContext) -> None:
     assert cv is not None
     deer = r.bernoulli(0.6)
     shoulder = np.where(deer, np.float32(0.3), np.float32(0.17)).astype(np.float32)  # 1 m / 0.6 m
-    target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1)
-    t = _object_depth(ctx, _depth_for_height(scene, target / np.float32(1.4), shoulder))
+    target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1) / np.float32(1.4)
+    t = _pinhole_depth(ctx) if scene.pinhole else _depth_for_height(scene, target, shoulder)
     u = _lateral(ctx, t, 0.8)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * shoulder  # screen units per shoulder height
@@ -168,8 +165,8 @@ def construction_world(ctx: RenderContext) -> None:
     assert cv is not None
     lanes = scene.lanes.astype(np.float32)
     z0 = (np.float32(5.5) - np.float32(4.0) * s) * r.uniform(0.85, 1.15)
-    if scene.pinhole:
-        z0 = (np.float32(1.0) / _object_depth(ctx, z0)).astype(np.float32)
+    if scene.pinhole:  # the first cone at the distance the strength picks (square frames keep z0)
+        z0 = (np.float32(1.0) / _pinhole_depth(ctx)).astype(np.float32)
     # A lane line the camera sees at the first cone (near cones on a far lane would be off screen).
     lo, hi = visible_u(scene, (np.float32(1.0) / z0).astype(np.float32), margin=0.1, x_range=cv.x_range)
     lo, hi = np.clip(np.ceil(lo), 0, lanes), np.clip(np.floor(hi), 0, lanes)
