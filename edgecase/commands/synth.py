@@ -19,10 +19,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "synth",
         "Generate synthetic driving frames: train/val normals and a test split with every edge-case family.",
-        "edgecase synth --out data/synth --size 64 --n-normal 8000 --families all --seed 0 --format dir",
+        "edgecase synth --out data/synth --size 256x144 --n-normal 8000 --families all --seed 0\n"
+        "  edgecase synth --out data/blind --seed 7 --object-distance 25-80   # a second configuration\n"
+        "  edgecase synth --out data/hd --size 1920x1080 --n-normal 50 --n-per-family 5   # benchmarks",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (must be empty or new)")
-    parser.add_argument("--size", type=int, default=64, help="frame size in pixels, 32..256 (default 64)")
+    parser.add_argument(
+        "--size",
+        default="256x144",
+        help="frame size WxH (16:9 256x144, 4:3 192x144, 1920x1080; sides 32..4096) or N for a square "
+        "N x N frame, 32..256 (default 256x144)",
+    )
+    parser.add_argument(
+        "--object-distance",
+        default="15-60",
+        metavar="NEAR-FAR",
+        help="metres to the pedestrian, animal or first cone in wide frames, near end at strength 1 "
+        "(default 15-60); square frames size objects in pixels and ignore it",
+    )
     parser.add_argument(
         "--n-normal", type=int, default=8000, help="normal frames in the train split (default 8000)"
     )
@@ -54,9 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _validate(args: argparse.Namespace) -> None:
     from edgecase.cli import CliError
+    from training.synth.pinhole import distance_range
+    from training.synth.render import check_size
 
-    if not 32 <= args.size <= 256:
-        raise CliError(f"--size must be between 32 and 256, got {args.size}")
+    try:
+        args.size = check_size(args.size)
+    except ValueError as exc:
+        raise CliError(f"--{exc}") from None
+    try:
+        args.object_distance = distance_range(args.object_distance)
+    except ValueError as exc:
+        raise CliError(f"--{str(exc).replace('object distance', 'object-distance', 1)}") from None
     for flag in ("n_normal", "n_val", "n_test_normal", "n_per_family"):
         if getattr(args, flag) < 0:
             raise CliError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -89,10 +111,13 @@ def run(args: argparse.Namespace) -> int:
             n_per_family=args.n_per_family,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            object_distance=args.object_distance,
         )
     except (ValueError, FileExistsError) as exc:  # e.g. the folder filled up since the check
         raise CliError(str(exc)) from exc
-    print(f"wrote {summary['frames']} frames ({args.size}x{args.size}, format {args.format}) to {args.out}")
+    near, far = args.object_distance
+    objects = f", objects {near:g}-{far:g} m" if summary["object_size_rule"] == "pinhole" else ""
+    print(f"wrote {summary['frames']} frames ({args.size}{objects}, format {args.format}) to {args.out}")
     for split, counts in summary["splits"].items():
         detail = ", ".join(f"{family} {count}" for family, count in counts.items())
         print(f"  {split:<5} {sum(counts.values()):>6}  ({detail})")

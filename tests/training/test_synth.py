@@ -189,7 +189,7 @@ def test_write_dataset_dir_writes_splits_labels_config_and_contact_sheet(tmp_pat
     out = tmp_path / "synth"
     summary = write_dataset(out, 32, 12, "fog,pedestrian", 3, "dir", 4, 5, 3, progress=False)
     rows = read_labels(out)
-    assert list(rows[0]) == ["key", "path", "split", "family", "strength"]
+    assert list(rows[0]) == ["key", "path", "split", "family", "strength", "distance_m"]
     counts: dict[tuple[str, str], int] = {}
     for row in rows:
         counts[row["split"], row["family"]] = counts.get((row["split"], row["family"]), 0) + 1
@@ -198,6 +198,7 @@ def test_write_dataset_dir_writes_splits_labels_config_and_contact_sheet(tmp_pat
         assert row["path"] == row["key"] + ".png"
         strength = float(row["strength"])
         assert strength == 0 if row["family"] == NORMAL else 0.3 <= strength <= 1.0
+        assert row["distance_m"] == ""  # square frames size objects in pixels, not metres
     assert counts == {
         ("train", NORMAL): 12,
         ("val", NORMAL): 4,

@@ -80,9 +80,66 @@ def test_a_non_empty_out_needs_overwrite(tmp_path: Path) -> None:
     assert (out / "old.txt").read_text() == "keep"
 
 
-def test_bad_size_is_refused() -> None:
-    result = synth("--out", "/nonexistent/never", "--size", "16")
-    assert result.returncode == 2 and "--size" in result.stderr
+COUNTS = ["--n-normal", "3", "--n-val", "1", "--n-test-normal", "1", "--n-per-family", "3"]
+OBJECTS = ("pedestrian", "animal", "construction")
+
+
+def png_shape(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return (image.height, image.width)
+
+
+def test_the_default_size_is_256x144_and_objects_stand_in_the_distance_range(tmp_path: Path) -> None:
+    out = tmp_path / "wide"
+    result = synth("--out", str(out), *COUNTS, "--object-distance", "25-80", "--seed", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "256x144" in result.stdout and "25-80 m" in result.stdout
+    rows = labels(out)
+    assert all(png_shape(out / row["path"]) == (144, 256) for row in rows)
+    for row in rows:
+        if row["family"] in OBJECTS:
+            assert 25.0 <= float(row["distance_m"]) <= 80.0
+        else:
+            assert row["distance_m"] == ""
+    config = json.loads((out / "synth.json").read_text())
+    assert (config["size"], config["height"], config["width"]) == ("256x144", 144, 256)
+    assert config["object_distance_m"] == [25.0, 80.0] and config["object_size_rule"] == "pinhole"
+    assert config["camera"]["hfov_deg"] == 60.0
+
+
+def test_a_single_number_still_means_a_square_frame(tmp_path: Path) -> None:
+    out = tmp_path / "square"
+    result = synth("--out", str(out), "--size", "64", *COUNTS, "--families", "pedestrian", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = labels(out)
+    assert all(png_shape(out / row["path"]) == (64, 64) for row in rows)
+    config = json.loads((out / "synth.json").read_text())
+    assert (config["size"], config["height"], config["width"]) == (64, 64, 64)
+    assert config["object_size_rule"] == "pixels-at-64" and config["camera"] is None
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("16", "--size of a square frame must be from 32 to 256"),
+        ("16x9", "--size sides must be from 32 to 4096"),
+        ("wide", "--size must be N or WxH (e.g. 64 or 256x144)"),
+        ("0x144", "--size must be positive"),
+    ],
+)
+def test_bad_size_is_refused(tmp_path: Path, size: str, message: str) -> None:
+    result = synth("--out", str(tmp_path / "x"), "--size", size)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("distance", ["60-15", "2-40", "far"])
+def test_bad_object_distance_is_refused(tmp_path: Path, distance: str) -> None:
+    result = synth("--out", str(tmp_path / "x"), f"--object-distance={distance}")
+    assert result.returncode == 2 and "--object-distance must" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_help_lists_exactly_the_library_families() -> None:

@@ -6,6 +6,8 @@ edge cases come in families, each with a ``strength`` in [0, 1]. Every normal pa
 per frame (in the spirit of domain randomisation, Tobin et al., IROS 2017) so that "normal" is a
 broad distribution rather than one picture a model could memorise. Rendering is numpy only,
 vectorised over a batch, and deterministic: a frame depends only on (seed, split, family, index).
+Frames are any H x W: wide ones (256x144 by default, up to 4K) through a metric pinhole camera
+(``pinhole.py``), square ones exactly as they were before frames had an aspect ratio.
 
 Public API: ``FAMILIES``, ``render_batch``, ``write_dataset``, ``write_contact_sheet``.
 """

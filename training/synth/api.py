@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from contract.frames import frame_size
 from training.synth.draws import frame_generators
 from training.synth.families import FAMILY_BY_NAME, NORMAL, family_id
-from training.synth.render import MAX_SIZE, MIN_SIZE, render_with_generators
+from training.synth.pinhole import OBJECT_DISTANCE_M, distance_range
+from training.synth.render import check_size, render_frames
+
+SizeLike = int | str | tuple[int, int]
 
 
-def chunk_frames(size: int) -> int:
+def chunk_frames(size: SizeLike) -> int:
     """Frames rendered at once: 512 at 64x64 (numpy call overhead amortised), fewer when larger.
 
-    A chunk's float buffers stay around 25 MB whatever the frame size.
+    Counted in pixels, so a chunk's float buffers stay around 25 MB whatever the frame's shape: 113
+    frames at 256x144, one at 1920x1080 (whose own buffers are then a few hundred MB at most).
     """
-    return max(16, min(512, 512 * 64 * 64 // (size * size)))
+    pixels = frame_size(size).pixels
+    return max(1, min(512, 512 * 64 * 64 // pixels))
 
 
 def _generators(
@@ -45,40 +51,52 @@ def check_strength(
 
 
 def render_generators(
-    generators: list[np.random.Generator], size: int, family: str, strengths: npt.NDArray[np.float32] | None
+    generators: list[np.random.Generator],
+    size: SizeLike,
+    family: str,
+    strengths: npt.NDArray[np.float32] | None,
+    object_distance: tuple[float, float] = OBJECT_DISTANCE_M,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Render one frame per generator, in chunks (chunking never changes a pixel)."""
     fam = None if family == NORMAL else FAMILY_BY_NAME[family]
-    out = np.empty((len(generators), size, size, 3), np.uint8)
+    height, width = check_size(size)
+    out = np.empty((len(generators), height, width, 3), np.uint8)
     used = np.zeros(len(generators), np.float32)
-    chunk = chunk_frames(size)
+    chunk = chunk_frames((height, width))
     for start in range(0, len(generators), chunk):
         stop = start + chunk
         given = None if strengths is None else strengths[start:stop]
-        out[start:stop], used[start:stop] = render_with_generators(generators[start:stop], size, fam, given)
+        part = render_frames(
+            generators[start:stop], (height, width), fam, given, object_distance=object_distance
+        )
+        out[start:stop], used[start:stop] = part.frames, part.strength
     return out, used
 
 
 def render_batch(
     rng_or_seed: int | np.random.Generator,
     n: int,
-    size: int,
+    size: SizeLike,
     family: str = NORMAL,
     strength: float | npt.ArrayLike | None = None,
+    *,
+    object_distance: tuple[float, float] | str = OBJECT_DISTANCE_M,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """Render ``n`` frames of ``family``: ``(frames uint8 [n, size, size, 3], strengths float32 [n])``.
+    """Render ``n`` frames of ``family``: ``(frames uint8 [n, H, W, 3], strengths float32 [n])``.
 
-    With an int seed, frame ``i`` is the same whatever ``n`` is (its seed is (seed, family, i)).
-    With a Generator, per-frame generators are spawned from it. ``strength`` is a float or one
-    value per frame in [0, 1]; None draws uniform strengths in 0.3..1.0 (0 for normal frames).
+    ``size`` is a side (``64``: square), ``"WxH"`` (``"256x144"``) or ``(height, width)``. With an
+    int seed, frame ``i`` is the same whatever ``n`` is (its seed is (seed, family, i)). With a
+    Generator, per-frame generators are spawned from it. ``strength`` is a float or one value per
+    frame in [0, 1]; None draws uniform strengths in 0.3..1.0 (0 for normal frames).
+    ``object_distance`` (metres, ``(near, far)`` or ``"15-60"``) places objects in wide frames.
     """
     family_id(family)  # validates the name
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
+    parsed = check_size(size)
+    distances = distance_range(object_distance)
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     generators = _generators(rng_or_seed, int(n), (RENDER_STREAM, family_id(family)))
-    return render_generators(generators, int(size), family, check_strength(family, strength, int(n)))
+    return render_generators(generators, parsed, family, check_strength(family, strength, int(n)), distances)
 
 
 RENDER_STREAM = 99

@@ -21,18 +21,22 @@ def apply_roll(cv: Canvas, roll: F32) -> None:
     a pixel: the source column depends only on the row and the source row only on the column, so
     the gather index is one broadcast add instead of a full rotation per pixel.
     """
-    s, n = cv.size, cv.n
-    c = (np.arange(s, dtype=np.float32) + np.float32(0.5)) - np.float32(s / 2)
-    shift = np.rint(np.tan(roll).astype(np.float32)[:, None] * c).astype(np.intp)  # (N, S)
-    steps = np.arange(s)
-    src_y = np.clip(steps[None, :, None] + shift[:, None, :], 0, s - 1)  # row read for (row, col)
-    src_x = np.clip(steps[None, None, :] - shift[:, :, None], 0, s - 1)  # column read for (row, col)
-    index = (src_y * s + src_x).reshape(n, s * s)
-    flat = cv.img.reshape(n, 3, s * s)
+    h, w, n = cv.height, cv.width, cv.n
+    tan = np.tan(roll).astype(np.float32)[:, None]
+    # Pixel offsets from the centre along each axis (the pitch is the same on both).
+    cx = (np.arange(w, dtype=np.float32) + np.float32(0.5)) - np.float32(w / 2)
+    cy = cx if h == w else (np.arange(h, dtype=np.float32) + np.float32(0.5)) - np.float32(h / 2)
+    shift_by_col = np.rint(tan * cx).astype(np.intp)  # (N, W)
+    shift_by_row = shift_by_col if h == w else np.rint(tan * cy).astype(np.intp)  # (N, H)
+    # The row read for (row, col) shifts with the column, the column read with the row.
+    src_y = np.clip(np.arange(h)[None, :, None] + shift_by_col[:, None, :], 0, h - 1)
+    src_x = np.clip(np.arange(w)[None, None, :] - shift_by_row[:, :, None], 0, w - 1)
+    index = (src_y * w + src_x).reshape(n, h * w)
+    flat = cv.img.reshape(n, 3, h * w)
     out = np.empty_like(flat)
     for i in range(n):
         np.take(flat[i], index[i], axis=1, out=out[i])
-    cv.img = out.reshape(n, 3, s, s)
+    cv.img = out.reshape(n, 3, h, w)
 
 
 def soften_and_expose(cv: Canvas, amount: F32, exposure: F32, tint: F32) -> None:

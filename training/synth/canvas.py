@@ -1,7 +1,10 @@
-"""A batch of frames being painted: float32 planar ``(N, 3, S, S)`` in [0, 1] plus a depth buffer.
+"""A batch of frames being painted: float32 planar ``(N, 3, H, W)`` in [0, 1] plus a depth buffer.
 
-Geometry is in normalised coordinates (x right, y down, both in [0, 1]) so a scene looks the same at
-any size; only anti-aliasing depends on the pixel pitch. Shapes are antialiased with the exact
+Geometry is in units of the frame's height (x right, y down; y in [0, 1]) so a scene looks the same at
+any size; only anti-aliasing depends on the pixel pitch, which is the same on both axes. x is centred:
+the middle ``H x H`` square of a frame spans x in [0, 1] and a wider frame reaches past both sides, so
+a square frame is the centre crop of a wide one and renders exactly as it did before frames had an
+aspect ratio. Shapes are antialiased with the exact
 box-filter coverage of a pixel by an interval, which keeps thin and far objects (a lane line one
 pixel wide, a pedestrian three pixels tall) from flickering between sizes. Channels-first layout
 makes compositing about four times faster than NHWC in numpy.
@@ -43,6 +46,11 @@ def col(values: npt.NDArray) -> npt.NDArray:
     return values.reshape(-1, 1, 1)
 
 
+def x_offset(height: int, width: int) -> float:
+    """x of a frame's left edge: ``-(W - H) / 2H``, so the centre ``H x H`` square spans [0, 1]."""
+    return -(width - height) / (2.0 * height)
+
+
 class Canvas:
     """Frames (or a view or patch of them) with coordinate grids and a depth buffer.
 
@@ -50,18 +58,27 @@ class Canvas:
     shared rows of pixel centres, for a patch they carry each frame's own offset.
     """
 
-    def __init__(self, img: F32, depth: F32, xs: F32, ys: F32, size: int) -> None:
+    def __init__(self, img: F32, depth: F32, xs: F32, ys: F32, height: int, width: int) -> None:
         self.img, self.depth, self.xs, self.ys = img, depth, xs, ys
-        self.size = size
-        self.px = 1.0 / size
+        self.height, self.width = height, width
+        self.px = 1.0 / height
+
+    @property
+    def x_range(self) -> tuple[float, float]:
+        """Left and right edges of the whole frame in x (``(0, 1)`` for a square frame)."""
+        return x_offset(self.height, self.width), x_offset(self.height, self.width) + self.width / self.height
 
     @classmethod
-    def blank(cls, n: int, size: int) -> Canvas:
-        """An all-black batch of ``n`` frames of ``size x size`` with the sky's depth everywhere."""
-        centres = (np.arange(size, dtype=np.float32) + np.float32(0.5)) / np.float32(size)
-        img = np.zeros((n, 3, size, size), np.float32)
-        depth = np.full((n, size, size), SKY_DEPTH, np.float32)
-        return cls(img, depth, centres.reshape(1, 1, size), centres.reshape(1, size, 1), size)
+    def blank(cls, n: int, height: int, width: int | None = None) -> Canvas:
+        """An all-black batch of ``n`` frames of ``height x width`` with the sky's depth everywhere."""
+        width = height if width is None else width
+        rows = (np.arange(height, dtype=np.float32) + np.float32(0.5)) / np.float32(height)
+        cols = (np.arange(width, dtype=np.float32) + np.float32(0.5)) / np.float32(height)
+        if width != height:
+            cols += np.float32(x_offset(height, width))
+        img = np.zeros((n, 3, height, width), np.float32)
+        depth = np.full((n, height, width), SKY_DEPTH, np.float32)
+        return cls(img, depth, cols.reshape(1, 1, width), rows.reshape(1, height, 1), height, width)
 
     @property
     def n(self) -> int:
@@ -75,7 +92,12 @@ class Canvas:
     def rows(self, top: int, bottom: int) -> Canvas:
         """A view of rows ``top:bottom`` of every frame; painting it paints the frames."""
         return Canvas(
-            self.img[:, :, top:bottom], self.depth[:, top:bottom], self.xs, self.ys[:, top:bottom], self.size
+            self.img[:, :, top:bottom],
+            self.depth[:, top:bottom],
+            self.xs,
+            self.ys[:, top:bottom],
+            self.height,
+            self.width,
         )
 
     def composite(self, alpha: F32, colour: F32, depth: F32 | None = None) -> None:
@@ -115,25 +137,26 @@ class Canvas:
 
 
 class Patch(Canvas):
-    """Square crops of some frames of a parent canvas; ``paste`` writes them back."""
+    """Crops (``rows x cols`` pixels) of some frames of a parent canvas; ``paste`` writes them back."""
 
-    def __init__(self, parent: Canvas, frames: I64, left: I64, top: I64, side: int) -> None:
-        s, k = parent.size, len(frames)
-        steps = np.arange(side)
-        rows = top[:, None] + steps  # (k, P)
-        cols = left[:, None] + steps
-        pixel = (rows[:, :, None] * s + cols[:, None, :]).reshape(k, side * side)
+    def __init__(self, parent: Canvas, frames: I64, left: I64, top: I64, rows: int, cols: int) -> None:
+        h, w, k = parent.height, parent.width, len(frames)
+        row = top[:, None] + np.arange(rows)  # (k, rows)
+        column = left[:, None] + np.arange(cols)  # (k, cols)
+        pixel = (row[:, :, None] * w + column[:, None, :]).reshape(k, rows * cols)
         # Flat indices into the parent's contiguous buffers: no copies of whole frames.
-        self._depth_index = frames[:, None] * (s * s) + pixel
-        channel = np.arange(3)[None, :, None] * (s * s)
-        self._img_index = (frames[:, None, None] * (3 * s * s) + channel + pixel[:, None, :]).reshape(-1)
-        self._parent, self._k, self._side = parent, k, side
-        img = parent.img.reshape(-1)[self._img_index].reshape(k, 3, side, side)
-        depth = parent.depth.reshape(-1)[self._depth_index].reshape(k, side, side)
+        self._depth_index = frames[:, None] * (h * w) + pixel
+        channel = np.arange(3)[None, :, None] * (h * w)
+        self._img_index = (frames[:, None, None] * (3 * h * w) + channel + pixel[:, None, :]).reshape(-1)
+        self._parent = parent
+        img = parent.img.reshape(-1)[self._img_index].reshape(k, 3, rows, cols)
+        depth = parent.depth.reshape(-1)[self._depth_index].reshape(k, rows, cols)
         centre = np.float32(0.5)
-        xs = ((cols + centre) / np.float32(s)).astype(np.float32)[:, None, :]
-        ys = ((rows + centre) / np.float32(s)).astype(np.float32)[:, :, None]
-        super().__init__(img, depth, xs, ys, s)
+        xs = ((column + centre) / np.float32(h)).astype(np.float32)
+        if w != h:
+            xs += np.float32(x_offset(h, w))
+        ys = ((row + centre) / np.float32(h)).astype(np.float32)[:, :, None]
+        super().__init__(img, depth, xs[:, None, :], ys, h, w)
 
     def paste(self) -> None:
         """Write the painted crops back into the parent frames."""
@@ -151,21 +174,23 @@ def paint_in_patches(
 
     ``bounds`` is ``(x0, y0, x1, y1)`` per frame in normalised units; ``draw(patch, frames)``
     paints into ``patch`` using the per-frame parameters of ``frames`` (indices into the batch).
-    Frames are grouped by the crop side they need (8, 16, 32, ... pixels) so one large object does
-    not make every frame's crop large.
+    Frames are grouped by the crop side they need (8, 16, 32, ... pixels, capped by the frame's
+    sides) so one large object does not make every frame's crop large.
     """
-    s = cv.size
-    x0, y0, x1, y1 = (np.asarray(b, np.float32) * s for b in bounds)
+    h, w = cv.height, cv.width
+    left_edge = np.float32(x_offset(h, w))
+    x0, x1 = ((np.asarray(b, np.float32) - left_edge) * h for b in (bounds[0], bounds[2]))
+    y0, y1 = (np.asarray(b, np.float32) * h for b in (bounds[1], bounds[3]))
     need = np.ceil(np.maximum(x1 - x0, y1 - y0)).astype(np.int64) + 3
-    side, smaller = 8, 0
-    while smaller < s:
-        side = min(side, s)
-        pick = on & (need <= side) & (need > smaller) if side < s else on & (need > smaller)
+    side, smaller, largest = 8, 0, max(h, w)
+    while smaller < largest:
+        pick = on & (need <= side) & (need > smaller) if side < largest else on & (need > smaller)
         if pick.any():
             frames = np.nonzero(pick)[0]
-            left = np.clip(np.floor(x0[frames]).astype(np.int64) - 1, 0, s - side)
-            top = np.clip(np.floor(y0[frames]).astype(np.int64) - 1, 0, s - side)
-            patch = Patch(cv, frames, left, top, side)
+            rows, cols = min(side, h), min(side, w)
+            left = np.clip(np.floor(x0[frames]).astype(np.int64) - 1, 0, w - cols)
+            top = np.clip(np.floor(y0[frames]).astype(np.int64) - 1, 0, h - rows)
+            patch = Patch(cv, frames, left, top, rows, cols)
             draw(patch, frames)
             patch.paste()
-        smaller, side = side, side * 2
+        smaller, side = side, min(side * 2, largest)

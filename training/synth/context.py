@@ -11,6 +11,7 @@ import numpy.typing as npt
 from training.synth.canvas import Canvas
 from training.synth.draws import FrameDraws
 from training.synth.landscape import RoadMaps
+from training.synth.pinhole import OBJECT_DISTANCE_M
 from training.synth.props import Lights
 from training.synth.scene import Scene
 
@@ -30,6 +31,10 @@ class RenderContext:
     lights: Lights | None = None
     sky_veil: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
     """``(N,)`` how much fog hides the sky (0 keeps the sky gradient)."""
+    object_distance: tuple[float, float] = OBJECT_DISTANCE_M
+    """``(near, far)`` metres objects are placed at in pinhole (wide) frames."""
+    distance: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
+    """``(N,)`` metres to the family's object (pinhole frames with an object; NaN otherwise)."""
 
 
 Hook = Callable[[RenderContext], None]

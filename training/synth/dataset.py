@@ -27,13 +27,24 @@ from training.synth.api import chunk_frames
 from training.synth.contact_sheet import write_contact_sheet
 from training.synth.draws import frame_generators
 from training.synth.families import FAMILIES, FAMILY_BY_NAME, NORMAL, family_id
-from training.synth.render import MAX_SIZE, MIN_SIZE, STRENGTH_RANGE, render_with_generators
+from training.synth.pinhole import (
+    CAMERA_HEIGHT_M,
+    HFOV_DEG,
+    LANE_WIDTH_M,
+    OBJECT_DISTANCE_M,
+    distance_range,
+    is_pinhole,
+)
+from training.synth.render import STRENGTH_RANGE, check_size, render_frames
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("dir", "tar", "parquet")
 SYNTH_VERSION = 1
 """Bumped whenever the same seed and arguments would render different pixels."""
-LABEL_FIELDS = ("key", "path", "split", "family", "strength")
+LABEL_FIELDS = ("key", "path", "split", "family", "strength", "distance_m")
+"""``distance_m``: metres to the pedestrian, animal or first cone in a wide (pinhole) frame; empty
+for frames without one and for square frames (whose objects are sized in pixels, not metres)."""
+DEFAULT_SIZE = "256x144"
 
 
 def frame_key(split: str, family: str, index: int) -> str:
@@ -98,7 +109,7 @@ def _encode(frames: npt.NDArray[np.uint8]) -> list[bytes]:
 
 def write_dataset(
     out: Path | str,
-    size: int = 64,
+    size: int | str | tuple[int, int] = DEFAULT_SIZE,
     n_normal: int = 8000,
     families: str | Sequence[str] = "all",
     seed: int = 0,
@@ -111,17 +122,20 @@ def write_dataset(
     progress: bool = True,
     workers: int | None = None,
     shard_size: int = 2000,
+    object_distance: tuple[float, float] | str = OBJECT_DISTANCE_M,
 ) -> dict[str, Any]:
     """Render and write the train/val/test splits, labels.csv, synth.json and the contact sheet.
 
+    ``size`` is a side (square), ``"WxH"`` or ``(height, width)``; ``object_distance`` (metres,
+    ``(near, far)`` or ``"15-60"``) is where wide frames place pedestrians, animals and cones.
     Returns a summary: counts per split and family, paths, seconds and frames/s (render+write).
     Refuses a non-empty ``out`` unless ``overwrite``, which removes only earlier synth output.
     """
     from contract.writers import open_writer
 
     out = Path(out)
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be an integer from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
+    frame = check_size(size)
+    near_far = distance_range(object_distance)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     given = {
@@ -146,7 +160,7 @@ def write_dataset(
         counts["n_normal"], counts["n_val"], counts["n_test_normal"], counts["n_per_family"], names
     )
     total = sum(count for _, _, count in jobs)
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     started = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=workers or min(2, os.cpu_count() or 1))
     bar = tqdm(total=total, unit="frame", desc="synth", disable=not progress)
@@ -160,16 +174,25 @@ def write_dataset(
                 for _, family, count in split_jobs:
                     stream = (SPLITS.index(split), family_id(family))
                     fam = None if family == NORMAL else FAMILY_BY_NAME[family]
-                    chunk = chunk_frames(int(size))
+                    chunk = chunk_frames(frame)
                     for start in range(0, count, chunk):
                         stop = min(count, start + chunk)
-                        frames, strengths = render_with_generators(
-                            frame_generators(int(seed), stream, range(start, stop)), int(size), fam
+                        rendered = render_frames(
+                            frame_generators(int(seed), stream, range(start, stop)),
+                            frame,
+                            fam,
+                            object_distance=near_far,
                         )
+                        frames = rendered.frames
                         keys = [frame_key(split, family, i) for i in range(start, stop)]
                         metas = [
-                            {"family": family, "split": split, "strength": round(float(s), 4)}
-                            for s in strengths
+                            {
+                                "family": family,
+                                "split": split,
+                                "strength": round(float(s), 4),
+                                "distance_m": None if np.isnan(d) else round(float(d), 2),
+                            }
+                            for s, d in zip(rendered.strength, rendered.distance, strict=True)
                         ]
                         groups = range(0, len(frames), ENCODE_GROUP)
                         futures = [pool.submit(_encode, frames[g : g + ENCODE_GROUP]) for g in groups]
@@ -190,21 +213,33 @@ def write_dataset(
     by_split: dict[str, dict[str, int]] = {}
     for split, family, count in jobs:
         by_split.setdefault(split, {})[family] = count
+    pinhole = is_pinhole(*frame)
     config = {
         "generator": "training.synth",
         "version": SYNTH_VERSION,
-        "size": int(size),
+        # As --size takes it back: a side for square frames (as before), "WxH" otherwise.
+        "size": frame.height if frame.height == frame.width else str(frame),
+        "height": frame.height,
+        "width": frame.width,
         "seed": int(seed),
         "format": fmt,
         **counts,
         "families": list(names),
         "strength_range": list(STRENGTH_RANGE),
+        # Where objects stand in wide frames; square frames size them in pixels (figures.py).
+        "object_size_rule": "pinhole" if pinhole else "pixels-at-64",
+        "object_distance_m": list(near_far),
+        "camera": (
+            {"hfov_deg": HFOV_DEG, "height_m": list(CAMERA_HEIGHT_M), "lane_width_m": LANE_WIDTH_M}
+            if pinhole
+            else None
+        ),
         "shard_size": shard_size,
         "splits": by_split,
         "frames": total,
     }
     (out / "synth.json").write_text(json.dumps(config, indent=2) + "\n")
-    sheet = write_contact_sheet(out / "contact_sheet.png", int(size), int(seed), names)
+    sheet = write_contact_sheet(out / "contact_sheet.png", frame, int(seed), names, near_far)
     return {
         **config,
         "out": str(out),
@@ -218,7 +253,7 @@ def write_dataset(
 def _flush(
     writer: Any,
     chunk: tuple[list[str], list[dict[str, Any]], list[Future[list[bytes]]]],
-    rows: list[tuple[str, str, str, str, str]],
+    rows: list[tuple[str, ...]],
     bar: tqdm,
 ) -> None:
     """Write one encoded chunk (in key order) and record its labels."""
@@ -226,5 +261,6 @@ def _flush(
     encoded = [data for future in futures for data in future.result()]
     for key, meta, data in zip(keys, metas, encoded, strict=True):
         path = writer.write(key, data, meta)
-        rows.append((key, path, meta["split"], meta["family"], f"{meta['strength']:.4f}"))
+        distance = "" if meta["distance_m"] is None else f"{meta['distance_m']:.2f}"
+        rows.append((key, path, meta["split"], meta["family"], f"{meta['strength']:.4f}", distance))
     bar.update(len(keys))

@@ -74,9 +74,9 @@ class FrameDraws:
     base: Uniforms
     family: Uniforms
     noise: npt.NDArray[np.uint8]
-    """``(N, 3, S, S)`` uniform random bytes for sensor noise (256 levels are plenty for noise)."""
+    """``(N, 3, H, W)`` uniform random bytes for sensor noise (256 levels are plenty for noise)."""
     field: F32
-    """``(N, S, S)`` uniforms for family textures (rain, snow, dead pixels)."""
+    """``(N, H, W)`` uniforms for family textures (rain, snow, dead pixels)."""
 
 
 def frame_generators(seed: int, stream: tuple[int, ...], indices: Iterable[int]) -> list[np.random.Generator]:
@@ -84,20 +84,23 @@ def frame_generators(seed: int, stream: tuple[int, ...], indices: Iterable[int])
     return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*stream, int(i)))) for i in indices]
 
 
-def draw_frames(generators: list[np.random.Generator], size: int, with_field: bool = False) -> FrameDraws:
+def draw_frames(
+    generators: list[np.random.Generator], size: int | tuple[int, int], with_field: bool = False
+) -> FrameDraws:
     """Draw each frame's uniforms and noise fields in a fixed order from its own generator.
 
     ``with_field`` adds a per-pixel texture field for the families that need one; it is drawn
     last, so it does not change the other draws.
     """
+    h, w = (size, size) if isinstance(size, int) else size
     n = len(generators)
     uniforms = np.empty((n, BASE_UNIFORMS + FAMILY_UNIFORMS))
-    noise = np.empty((n, 3 * size * size), np.uint8)
-    field = np.empty((n, size, size) if with_field else (n, 0, 0), np.float32)
+    noise = np.empty((n, 3 * h * w), np.uint8)
+    field = np.empty((n, h, w) if with_field else (n, 0, 0), np.float32)
     for i, gen in enumerate(generators):
         gen.random(out=uniforms[i])
-        noise[i] = np.frombuffer(gen.bytes(3 * size * size), np.uint8)
+        noise[i] = np.frombuffer(gen.bytes(3 * h * w), np.uint8)
         if with_field:
             gen.random(out=field[i], dtype=np.float32)
     base, family = uniforms[:, :BASE_UNIFORMS], uniforms[:, BASE_UNIFORMS:]
-    return FrameDraws(Uniforms(base), Uniforms(family), noise.reshape(n, 3, size, size), field)
+    return FrameDraws(Uniforms(base), Uniforms(family), noise.reshape(n, 3, h, w), field)

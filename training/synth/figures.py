@@ -1,9 +1,15 @@
 """Small objects that make a frame an edge case: pedestrians, animals, road works, curve signs.
 
-They are deliberately *small* (a few to about twenty pixels tall at 64x64) and sit in an
-otherwise normal scene, so a detector has to notice their shape, not a change in overall
-brightness. ``strength`` brings them closer (larger). They are depth-tested against what is
-already painted, so a nearer car hides a pedestrian behind it.
+They are deliberately *small* and sit in an otherwise normal scene, so a detector has to notice
+their shape, not a change in overall brightness. ``strength`` brings them closer (larger). They are
+depth-tested against what is already painted, so a nearer car hides a pedestrian behind it.
+
+Two size rules: in a square frame an object's height is stated in pixels of a 64 px frame (a few
+to about twenty pixels), the rule the square benchmarks were tuned with; in a wide frame the
+object stands at a distance in metres drawn from the context's ``object_distance`` range and the
+pinhole camera (``pinhole.py``) gives its size, so a pedestrian at 15 to 60 m is 25 to 6 px tall
+at 256x144. The drawn world sizes (a person 1.4 to 1.9 m, a deer 1 m at the shoulder) are the same
+in both.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import numpy.typing as npt
 
 from training.synth.canvas import Canvas, paint_in_patches
 from training.synth.context import RenderContext
+from training.synth.pinhole import LANE_WIDTH_M, distance_for_strength
 from training.synth.props import rgb
-from training.synth.scene import Scene
+from training.synth.scene import Scene, depth_at
 from training.synth.shapes import box, ellipse, triangle
 
 F32 = npt.NDArray[np.float32]
@@ -46,12 +53,26 @@ def _depth_for_height(scene: Scene, height_px: F32, world_h: F32) -> F32:
     return np.clip(t, 0.03, 0.97).astype(np.float32)
 
 
-def visible_u(scene: Scene, t: F32, margin: float = 0.06) -> tuple[F32, F32]:
-    """The lateral range (lane widths) that is on screen, ``margin`` inside the frame, at depth ``t``."""
+def _pinhole_depth(ctx: RenderContext) -> F32:
+    """Depth ``t`` of the family's object in a pinhole (wide) frame: at the distance the strength
+    picks in the ``object_distance`` range, recorded in ``ctx.distance``."""
+    near, far = ctx.object_distance
+    ctx.distance = distance_for_strength(ctx.strength, near, far)
+    return depth_at(ctx.scene, ctx.distance)
+
+
+def visible_u(
+    scene: Scene, t: F32, margin: float = 0.06, x_range: tuple[float, float] = (0.0, 1.0)
+) -> tuple[F32, F32]:
+    """The lateral range (lane widths) that is on screen, ``margin`` inside the frame, at depth ``t``.
+
+    ``x_range`` is the frame's left and right edge in x (``Canvas.x_range``; ``(0, 1)`` when square).
+    """
     centre = scene.vanish_x + scene.curve * (np.float32(1.0) - t) ** 3
     scale = scene.lane_w * t
-    lo = scene.ego_u + (np.float32(margin) - centre) / scale
-    hi = scene.ego_u + (np.float32(1.0 - margin) - centre) / scale
+    left, right = x_range
+    lo = scene.ego_u + (np.float32(left + margin) - centre) / scale
+    hi = scene.ego_u + (np.float32(right - margin) - centre) / scale
     return lo.astype(np.float32), hi.astype(np.float32)
 
 
@@ -66,7 +87,8 @@ def _lateral(ctx: RenderContext, t: F32, on_road_p: float) -> F32:
     across = np.float32(0.15) + r.uniform(0.0, 1.0) * (lanes - np.float32(0.3))
     off = r.uniform(0.2, 0.55)
     verge = np.where(r.bernoulli(0.5), -off, lanes + off)
-    lo, hi = visible_u(scene, t)
+    assert ctx.cv is not None
+    lo, hi = visible_u(scene, t, x_range=ctx.cv.x_range)
     return np.clip(np.where(on_road, across, verge), lo, hi).astype(np.float32)
 
 
@@ -76,7 +98,7 @@ def pedestrian_world(ctx: RenderContext) -> None:
     assert cv is not None
     height = (np.float32(0.5) * r.uniform(0.8, 1.1)).astype(np.float32)  # 1.75 m is half a lane width
     target = (np.float32(2.0) + np.float32(18.0) * s * s) * r.uniform(0.85, 1.1)  # ~4 px at 0.3, 20 at 1
-    t = _depth_for_height(scene, target, height)
+    t = _pinhole_depth(ctx) if scene.pinhole else _depth_for_height(scene, target, height)
     u = _lateral(ctx, t, 0.65)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * height  # screen units per person height
@@ -106,8 +128,8 @@ def animal_world(ctx: RenderContext) -> None:
     assert cv is not None
     deer = r.bernoulli(0.6)
     shoulder = np.where(deer, np.float32(0.3), np.float32(0.17)).astype(np.float32)  # 1 m / 0.6 m
-    target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1)
-    t = _depth_for_height(scene, target / np.float32(1.4), shoulder)
+    target = (np.float32(2.0) + np.float32(13.0) * s * s) * r.uniform(0.85, 1.1) / np.float32(1.4)
+    t = _pinhole_depth(ctx) if scene.pinhole else _depth_for_height(scene, target, shoulder)
     u = _lateral(ctx, t, 0.8)
     x, y = scene.ground_x(u, t), scene.ground_y(t)
     sc = scene.scale(t) * shoulder  # screen units per shoulder height
@@ -134,6 +156,7 @@ def animal_world(ctx: RenderContext) -> None:
 
 
 N_CONES = 8
+CONE_M = 0.7
 
 
 def construction_world(ctx: RenderContext) -> None:
@@ -142,8 +165,10 @@ def construction_world(ctx: RenderContext) -> None:
     assert cv is not None
     lanes = scene.lanes.astype(np.float32)
     z0 = (np.float32(5.5) - np.float32(4.0) * s) * r.uniform(0.85, 1.15)
+    if scene.pinhole:  # the first cone at the distance the strength picks (square frames keep z0)
+        z0 = (np.float32(1.0) / _pinhole_depth(ctx)).astype(np.float32)
     # A lane line the camera sees at the first cone (near cones on a far lane would be off screen).
-    lo, hi = visible_u(scene, (np.float32(1.0) / z0).astype(np.float32), margin=0.1)
+    lo, hi = visible_u(scene, (np.float32(1.0) / z0).astype(np.float32), margin=0.1, x_range=cv.x_range)
     lo, hi = np.clip(np.ceil(lo), 0, lanes), np.clip(np.floor(hi), 0, lanes)
     line = (
         np.floor(lo + r.uniform() * (np.maximum(hi, lo) - lo + 1))
@@ -151,15 +176,17 @@ def construction_world(ctx: RenderContext) -> None:
         .clip(lo, np.maximum(hi, lo))
     )
     closed_side = np.where(line >= lanes, np.float32(-1.0), np.where(line <= 0, np.float32(1.0), r.sign()))
-    gap = r.uniform(0.5, 1.1)
+    gap = r.uniform(0.5, 1.1) * scene.z_scale  # 5 to 11 m between cones in every frame shape
     count = np.round(np.float32(3.0) + np.float32(5.0) * s).astype(np.int64)
     cz = z0[:, None] + gap[:, None] * np.arange(N_CONES, dtype=np.float32)
     ct = (np.float32(1.0) / cz).astype(np.float32)
     cu = (line + np.float32(0.12) * closed_side)[:, None] * np.ones(N_CONES, np.float32)
-    cx, cy, csc = scene.ground_x(cu, ct), scene.ground_y(ct), scene.scale(ct)
+    # Cones are 1.1 m tall in the square rule; a real traffic cone (wide frames) is 0.7 m.
+    cone = np.float32(CONE_M / (0.32 * LANE_WIDTH_M)) if scene.pinhole else np.float32(1.0)
+    cx, cy, csc = scene.ground_x(cu, ct), scene.ground_y(ct), scene.scale(ct) * cone
     cone_on = np.arange(N_CONES) < count[:, None]
     # The barrier stands across the closed lane, just before the first cone.
-    bz = (z0 - np.float32(0.3)).astype(np.float32)
+    bz = (z0 - np.float32(0.3) * scene.z_scale).astype(np.float32)
     bt = (np.float32(1.0) / bz).astype(np.float32)
     bu = (line + np.float32(0.5) * closed_side).astype(np.float32)
     bx, by, bsc = scene.ground_x(bu, bt), scene.ground_y(bt), scene.scale(bt)
@@ -207,26 +234,25 @@ def sharp_curve_world(ctx: RenderContext) -> None:
     lanes = scene.lanes.astype(np.float32)
     right = scene.curve > 0
     u = np.where(right, lanes + np.float32(0.6), np.float32(-0.6)).astype(np.float32)  # outer edge ahead
-    z = np.array([2.6, 3.4, 4.4], np.float32)
-    t = np.broadcast_to(1.0 / z, (scene.n, 3)).astype(np.float32)
+    z = np.array([2.6, 3.4, 4.4], np.float32) * scene.z_scale[:, None]
+    t = (np.float32(1.0) / z).astype(np.float32)
     x, y, sc = scene.ground_x(u[:, None], t), scene.ground_y(t), scene.scale(t)
     point = np.where(right, np.float32(1.0), np.float32(-1.0))
 
     def draw(p: Canvas, f: I64) -> None:
         for i in range(3):
             X, Y, S = x[f, i], y[f, i], sc[f, i]
-            seen = p.occlusion(np.full(len(f), z[i], np.float32))
-            p.composite(box(p, X, Y, S, -0.02, 0.02, 0.0, 0.3) * seen, rgb(len(f), WHITE * 0.5), z[i])
-            p.composite(box(p, X, Y, S, -0.13, 0.13, 0.28, 0.56) * seen, rgb(len(f), YELLOW), z[i])
+            zi = z[f, i]
+            seen = p.occlusion(zi)
+            p.composite(box(p, X, Y, S, -0.02, 0.02, 0.0, 0.3) * seen, rgb(len(f), WHITE * 0.5), zi)
+            p.composite(box(p, X, Y, S, -0.13, 0.13, 0.28, 0.56) * seen, rgb(len(f), YELLOW), zi)
             # A dark ">" (or "<"): distance from the chevron's centre line.
             lx = (p.xs - X.reshape(-1, 1, 1)) / S.reshape(-1, 1, 1) * point[f].reshape(-1, 1, 1)
             ly = (Y.reshape(-1, 1, 1) - p.ys) / S.reshape(-1, 1, 1) - np.float32(0.42)
             mark = np.clip(
                 np.float32(1.0) - np.abs(lx + np.abs(ly) - np.float32(0.02)) / np.float32(0.05), 0.0, 1.0
             )
-            p.composite(
-                mark * box(p, X, Y, S, -0.11, 0.11, 0.3, 0.54) * seen, rgb(len(f), WHITE * 0.08), z[i]
-            )
+            p.composite(mark * box(p, X, Y, S, -0.11, 0.11, 0.3, 0.54) * seen, rgb(len(f), WHITE * 0.08), zi)
 
     lo_x = (x - 0.15 * sc).min(axis=1)
     hi_x = (x + 0.15 * sc).max(axis=1)

@@ -58,12 +58,12 @@ def paint_sky_and_ground(scene: Scene, cv: Canvas) -> tuple[F32, F32]:
 
 def sky_rows(scene: Scene, cv: Canvas) -> int:
     """Rows at or below this index are below every frame's horizon (no sky there)."""
-    return min(cv.size, int(np.ceil(float(scene.horizon.max()) * cv.size)) + 1)
+    return min(cv.height, int(np.ceil(float(scene.horizon.max()) * cv.height)) + 1)
 
 
 def ground_top(scene: Scene, cv: Canvas) -> int:
     """Rows above this index are above every frame's horizon (no ground there)."""
-    return max(0, int(np.floor(float(scene.horizon.min()) * cv.size)) - 1)
+    return max(0, int(np.floor(float(scene.horizon.min()) * cv.height)) - 1)
 
 
 def paint_sun(scene: Scene, cv: Canvas, below: F32) -> None:
@@ -84,7 +84,10 @@ def paint_sun(scene: Scene, cv: Canvas, below: F32) -> None:
 
 def paint_hills(scene: Scene, cv: Canvas) -> None:
     """Hazy distant hills, then (in some frames) a dark tree line along the horizon."""
-    top_row = max(0, int(np.floor(float((scene.horizon - scene.hill_h).min()) * cv.size)) - 1)
+    # The tree line can stand taller than the hills: the rows painted must reach both in every frame,
+    # or a frame would depend on which other frames share its batch.
+    tallest = np.maximum(scene.hill_h, scene.treeline_h)
+    top_row = max(0, int(np.floor(float((scene.horizon - tallest).min()) * cv.height)) - 1)
     view = cv.rows(top_row, sky_rows(scene, cv))
     h, x = col(scene.horizon), view.xs
     f, p = scene.hill_freq, scene.hill_phase
@@ -128,7 +131,7 @@ def dash_pattern(scene: Scene, cv: Canvas, t_row: F32) -> F32:
 def paint_road(scene: Scene, frame: Canvas, t_full: F32, below_full: F32) -> RoadMaps:
     """Verge, asphalt with worn wheel paths (or snow with tyre tracks), then lane markings."""
     top = ground_top(scene, frame)
-    cv = frame.rows(top, frame.size)
+    cv = frame.rows(top, frame.height)
     t_row, below = t_full[:, top:], below_full[:, top:]
     u = road_u(scene, cv, t_row)
     lanes = col(scene.lanes.astype(np.float32))

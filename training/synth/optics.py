@@ -60,6 +60,9 @@ def lens_dirt_lens(ctx: RenderContext) -> None:
     assert cv is not None
     count = np.round(np.float32(2.0) + np.float32(5.0) * s).astype(np.int64)
     x, y = r.uniform_k(N_BLOBS, 0.0, 1.0), r.uniform_k(N_BLOBS, 0.05, 1.0)
+    left, right = cv.x_range
+    if (left, right) != (0.0, 1.0):  # a wide frame: blotches anywhere across its width
+        x = (np.float32(left) + x * np.float32(right - left)).astype(np.float32)
     radius = r.uniform_k(N_BLOBS, 0.04, 0.12) * (np.float32(0.7) + np.float32(0.6) * s)[:, None]
     opacity = r.uniform_k(N_BLOBS, 0.55, 0.95) * np.minimum(np.float32(1.0), np.float32(0.35) + s)[:, None]
     lobe_dx, lobe_dy = r.uniform_k(N_BLOBS, -0.8, 0.8), r.uniform_k(N_BLOBS, -0.8, 0.8)
@@ -86,7 +89,7 @@ def sensor_fault_sensor(ctx: RenderContext) -> None:
     assert cv is not None
     mode = r.integers(0, 3)
     field = ctx.draws.field
-    size = cv.size
+    size = cv.height
 
     # 0: dead/stuck lines. Line count grows with strength; rows, columns or both.
     share = (np.float32(1.5) + s * np.float32(size / 8)) / np.float32(size)

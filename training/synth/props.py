@@ -54,7 +54,7 @@ def paint_rails(scene: Scene, frame: Canvas, t_full: F32, below_full: F32) -> No
     if not (scene.rail_left.any() or scene.rail_right.any()):
         return
     top = ground_top(scene, frame)
-    cv = frame.rows(top, frame.size)
+    cv = frame.rows(top, frame.height)
     t_row, below = t_full[:, top:], below_full[:, top:]
     drop = np.float32(1.0) - col(scene.horizon)
     lanes = scene.lanes.astype(np.float32)

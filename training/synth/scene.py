@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from training.synth.draws import Uniforms
+from training.synth.pinhole import CAMERA_HEIGHT_M, LANE_WIDTH_M
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -101,6 +102,17 @@ class Scene:
     noise: F32
     snow_cover: F32
     wet: F32
+    camera_height: F32
+    """``(N,)`` metres; only used by the pinhole camera of wide frames (``pinhole.py``)."""
+    z_scale: F32
+    """``(N,)`` factor the square scene's depths were multiplied by (1 unless ``use_pinhole`` ran)."""
+    metres_per_z: F32
+    """``(N,)`` metres per unit of depth ``z``; NaN in square frames, whose scene has no metric scale."""
+
+    @property
+    def pinhole(self) -> bool:
+        """Whether these frames use the metric pinhole camera (``pinhole.use_pinhole``)."""
+        return bool(np.isfinite(self.metres_per_z).all()) and self.n > 0
 
     @property
     def n(self) -> int:
@@ -241,4 +253,31 @@ def sample_scene(r: Uniforms) -> Scene:
         noise=r.uniform(0.004, 0.02),
         snow_cover=np.zeros(n, np.float32),
         wet=np.zeros(n, np.float32),
+        camera_height=r.uniform(*CAMERA_HEIGHT_M),  # drawn last: earlier draws stay as they were
+        z_scale=np.ones(n, np.float32),
+        metres_per_z=np.full(n, np.nan, np.float32),
     )
+
+
+def use_pinhole(scene: Scene, focal: float) -> None:
+    """Make the scene a metric pinhole camera with ``focal`` (in frame heights); see ``pinhole.py``.
+
+    ``lane_w`` follows from the camera height; every depth the square scene drew keeps its metres.
+    """
+    lane_w = ((np.float32(1.0) - scene.horizon) * np.float32(LANE_WIDTH_M) / scene.camera_height).astype(
+        np.float32
+    )
+    ratio = (lane_w / scene.lane_w).astype(np.float32)
+    scene.lane_w = lane_w
+    scene.z_scale = ratio
+    scene.metres_per_z = (np.float32(focal * LANE_WIDTH_M) / lane_w).astype(np.float32)
+    scene.car_z = (scene.car_z * ratio[:, None]).astype(np.float32)
+    scene.tree_z = (scene.tree_z * ratio[:, None]).astype(np.float32)
+    scene.lamp_z0 = (scene.lamp_z0 * ratio).astype(np.float32)
+    scene.lamp_spacing = (scene.lamp_spacing * ratio).astype(np.float32)
+    scene.dash_period = (scene.dash_period * ratio).astype(np.float32)
+
+
+def depth_at(scene: Scene, metres: F32) -> F32:
+    """Depth parameter ``t`` of a ground point ``metres`` ahead (pinhole scenes only)."""
+    return (scene.metres_per_z / metres).astype(np.float32)

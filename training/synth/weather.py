@@ -62,7 +62,7 @@ def night_air(ctx: RenderContext) -> None:
     cv.add(glow, np.broadcast_to(np.array([0.7, 0.55, 0.5], np.float32), (scene.n, 3)))
 
     # Our own low beams: bright close to the car, centred on the ego lane, lighting markings most.
-    road = cv.rows(maps.top, cv.size)
+    road = cv.rows(maps.top, cv.height)
     lateral = (maps.u - col(scene.ego_u)) / np.float32(1.1)
     beam = maps.road / (np.float32(1.0) + lateral**4)
     beam *= np.clip((maps.t_row - np.float32(0.12)) * np.float32(2.5), 0.0, 1.0) * col(s)
@@ -137,16 +137,16 @@ def rain_air(ctx: RenderContext) -> None:
     """Mirror the sky onto the wet road, then streak falling drops across the frame."""
     cv, s, scene, maps = ctx.cv, ctx.strength, ctx.scene, ctx.maps
     assert cv is not None and maps is not None
-    road = cv.rows(maps.top, cv.size)
+    road = cv.rows(maps.top, cv.height)
     # A wet road mirrors what is above the horizon, about the horizon (grazing reflection).
-    rows = np.arange(maps.top, cv.size, dtype=np.float32)
-    mirror = np.rint(np.float32(2.0) * col(scene.horizon) * cv.size - rows[None, :, None] - 1.0)
-    mirror = np.clip(mirror, 0, cv.size - 1).astype(np.intp)[:, None]  # (N, 1, R, 1)
+    rows = np.arange(maps.top, cv.height, dtype=np.float32)
+    mirror = np.rint(np.float32(2.0) * col(scene.horizon) * cv.height - rows[None, :, None] - 1.0)
+    mirror = np.clip(mirror, 0, cv.height - 1).astype(np.intp)[:, None]  # (N, 1, R, 1)
     reflected = np.take_along_axis(cv.img, mirror, axis=2) * np.float32(0.8)
     shine = maps.road * col(s * np.float32(0.45)) * (np.float32(1.0) - np.float32(0.5) * maps.t_row)
     road.composite(shine, reflected)
 
-    size = cv.size
+    size = cv.height
     density = (np.float32(0.004) + np.float32(0.02) * s).reshape(-1, 1, 1)
     drops = (ctx.draws.field < density).astype(np.float32)
     length = max(2, size // 11)
@@ -186,7 +186,7 @@ def snow_air(ctx: RenderContext) -> None:
     assert cv is not None
     density = (np.float32(0.006) + np.float32(0.03) * s).reshape(-1, 1, 1)
     flakes = (ctx.draws.field < density).astype(np.float32)
-    if cv.size >= 96:  # flakes of 2x2 pixels so they stay visible at larger sizes
+    if cv.height >= 96:  # flakes of 2x2 pixels so they stay visible at larger sizes
         flakes = np.maximum(flakes, np.roll(flakes, 1, axis=1))
         flakes = np.maximum(flakes, np.roll(flakes, 1, axis=2))
     cv.composite(flakes * np.float32(0.9), np.broadcast_to(SNOW_WHITE, (scene.n, 3)))
