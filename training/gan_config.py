@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.frames import FrameSize
 from training import runs
 from training.data import TrainingData, fingerprint_frames
 from training.seg_net import STEPS as SEG_STEPS
+from training.shapes import check_size, parse_size, size_text
 
 # Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
 _RESUMABLE_FIELDS = (
@@ -35,7 +37,7 @@ DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
 class GANConfig:
     """Hyper-parameters of ``edgecase train gan``; defaults fit 8,000 frames of 64x64 on 2 CPU cores."""
 
-    size: int = 64
+    size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
     batch_size: int = 64
     epochs: int = 10
     lr: float = 2e-4
@@ -63,6 +65,13 @@ class GANConfig:
     calibrate: bool = True  # calibrate every head on the val normals at the end
     seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
 
+    def __post_init__(self) -> None:
+        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return parse_size(self.size)
+
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""
         parts = frozenset(p.strip() for p in self.stabiliser.split("+") if p.strip())
@@ -77,6 +86,7 @@ class GANConfig:
 
     def validate(self) -> None:
         """Clear errors for bad values before any work starts."""
+        check_size(self.size, what="GAN")
         self.stabilisers()
         for name in ("batch_size", "latent_dim", "width", "r1_every", "knn_k", "bank_size"):
             if getattr(self, name) < 1:
@@ -95,7 +105,7 @@ class GANConfig:
 def noise_data(cfg: GANConfig) -> TrainingData:
     """Seeded noise frames: a dry run without ``--data`` still pushes a batch through every step."""
     rng = np.random.default_rng(cfg.seed)
-    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, cfg.size, cfg.size, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, *cfg.frame_size, 3), dtype=np.uint8)
     train, val = frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:]
     return TrainingData(train, val, sources=[], fingerprint=fingerprint_frames(train, val))
 

@@ -24,6 +24,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from contract.frames import FrameSize
 from training import runs
 from training.data import (
     TrainingData,
@@ -34,6 +35,7 @@ from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
 from training.seg_net import STEPS as SEG_STEPS
+from training.shapes import parse_size, size_text
 from training.vae import VAE, nats_to_bits_per_dim
 from training.vae_plots import write_plots
 
@@ -46,7 +48,7 @@ DRY_RUN_FRAMES = 8
 class VAEConfig:
     """Everything that decides a VAE run; saved resolved in config.json and model.pt."""
 
-    size: int = 64
+    size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
     width: int = 32
     depth: int | None = None  # None: stride-2 stages down to 4x4
     latent_dim: int = 64
@@ -64,6 +66,13 @@ class VAEConfig:
     calibrate: bool = True  # calibrate every head on the val normals at the end
     seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
 
+    def __post_init__(self) -> None:
+        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return parse_size(self.size)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
         """Build from a saved config, ignoring keys that are not config fields (data, versions...)."""
@@ -78,7 +87,7 @@ _RESUMABLE_FIELDS = ("epochs", "patience", "max_minutes", "device", "amp", "num_
 def _noise_data(cfg: VAEConfig) -> TrainingData:
     """Seeded noise frames so a dry run works without any data."""
     rng = np.random.default_rng(cfg.seed)
-    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 2, cfg.size, cfg.size, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 2, *cfg.frame_size, 3), dtype=np.uint8)
     return TrainingData(frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:], [], fingerprint_frames(frames))
 
 
@@ -111,7 +120,7 @@ def evaluate_vae(
 ) -> dict[str, float]:
     """Mean -ELBO bits/dim (z = mu, deterministic), reconstruction and KL parts, on ``frames``."""
     vae.eval()
-    dims = 3 * vae.size * vae.size
+    dims = 3 * vae.frame_size.pixels
     total = recon_sum = kl_sum = 0.0
     for idx in _batches(len(frames), batch_size, None):
         x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
@@ -139,7 +148,7 @@ def _train_epoch(
     time budget holds even when one epoch is long (a busy, shared CPU).
     """
     vae.train()
-    dims = 3 * cfg.size * cfg.size
+    dims = 3 * cfg.frame_size.pixels
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     batches = _batches(len(frames), cfg.batch_size, gen)
     if cfg.dry_run:
@@ -242,7 +251,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
         log.info("resuming %s after epoch %d (best val %.4f bits/dim)", run_dir, ckpt["epoch"], best_val)
     runs.save_config(run_dir, config)
     log.info(
-        "VAE %dpx width %d depth %d latent %d: %d train / %d val frames on %s",
+        "VAE %s width %d depth %d latent %d: %d train / %d val frames on %s",
         cfg.size, cfg.width, vae.depth, cfg.latent_dim, len(data.train), len(data.val), device,
     )  # fmt: skip
 

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "train",
         "Train a VAE or a DCGAN on normal frames (checkpoints, early stopping, plots, calibration).",
-        "edgecase train vae --data data/synth --out runs/vae    # then: edgecase evaluate runs/vae ...",
+        "edgecase train vae --data data/synth --size 256x144 --out runs/vae    # then: edgecase evaluate ...",
     )
     parser.add_argument("model", choices=["vae", "gan"], help="which generative model")
     parser.add_argument(
@@ -61,7 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--size", type=int, help="frames are resized to SIZE x SIZE (32..256)")
+    parser.add_argument(
+        "--size",
+        type=_size,
+        metavar="WxH",
+        help="model input, e.g. 256x144 (default) or 64 (square); frames are resized to fit and padded "
+        "black (the one resize rule); both sides 32..512 and divisible by 8",
+    )
     parser.add_argument("--latent-dim", type=int)
     parser.add_argument("--width", type=int, help="base channels of the networks")
     parser.add_argument("--depth", type=int, help="VAE stride-2 stages (default: down to 4x4)")
@@ -83,6 +89,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field (repeatable)"
     )
     parser.set_defaults(handler=run)
+
+
+def _size(value: str) -> str:
+    """--size as the config stores it, "WxH"; argparse reports a ValueError as a usage error."""
+    from contract.frames import frame_size
+
+    try:
+        return str(frame_size(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _coerce(value: str, annotation: Any, key: str) -> Any:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contract.frames import FrameSize
 from training.heads.base import HeadNotFitted, HeadSpec
 from training.heads.gan import build_dcgan, load_gan
 from training.heads.vae import load_vae
@@ -56,6 +57,7 @@ from training.patch_bank import (
 )
 from training.pixels import to_unit_range
 from training.runs import split_train_normals
+from training.shapes import parse_size
 from training.vae import VAE
 
 log = logging.getLogger(__name__)
@@ -143,13 +145,15 @@ def cell_statistics(
     return center, scale.clamp_min(floor)
 
 
-def default_depth(size: int) -> int:
-    """Conv blocks (each halves the resolution) that bring ``size`` to a GRID_SIDE x GRID_SIDE grid.
+def default_depth(size: FrameSize | int) -> int:
+    """Conv blocks (each halves the resolution) that bring the longer side to about GRID_SIDE.
 
-    64 px -> 1 block (stride 2), 128 px -> 2 (stride 4): the grid, hence the bank and the latency,
-    stays the same size, and a location covers the same fraction of the frame at every resolution.
+    64 px -> 1 block (a 32x32 grid), 128 px -> 2, 256x144 -> 3 (an 18x32 grid): the grid, hence the
+    bank, the fit time and the latency, stays about the same size, and a location covers the same
+    fraction of the frame's width at every resolution.
     """
-    return max(1, round(math.log2(max(size, GRID_SIDE) / GRID_SIDE)))
+    side = max(parse_size(size))
+    return max(1, round(math.log2(max(side, GRID_SIDE) / GRID_SIDE)))
 
 
 def _prepare(
@@ -180,7 +184,7 @@ def _prepare(
     )
     head += "" if bank_size == BANK_SIZE else f"-m{bank_size}"
     network, config = early_network(run_dir, kind, random_init=random_init)
-    depth = depth or default_depth(int(config["size"]))
+    depth = depth or default_depth(parse_size(config["size"]))
     backbone, channels = context_backbone(network, depth, context)
     settings: dict[str, Any] = {
         "version": BANK_FORMAT_VERSION,
