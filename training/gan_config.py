@@ -15,7 +15,6 @@ import torch
 from contract.frames import FrameSize
 from training import runs
 from training.data import TrainingData, fingerprint_frames
-from training.seg_net import STEPS as SEG_STEPS
 from training.shapes import check_size, parse_size, size_text
 
 # Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
@@ -35,7 +34,7 @@ DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
 
 @dataclass
 class GANConfig:
-    """Hyper-parameters of ``edgecase train gan``; defaults fit 8,000 frames of 64x64 on 2 CPU cores."""
+    """Hyper-parameters of ``edgecase train gan``; defaults: the 256x144 CPU budgets (training/budgets.py)."""
 
     size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
     batch_size: int = 64
@@ -45,11 +44,11 @@ class GANConfig:
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast, CUDA only
     patience: int = 3  # encoder phase only (the GAN phase has no validation loss to stop on)
-    max_minutes: float | None = 15.0  # whole run; the GAN phase gets GAN_TIME_SHARE of it
+    max_minutes: float | None = 7.0  # whole run (GAN phase: GAN_TIME_SHARE); 256x144 budget, 15 at 64x64
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the VAE
     latent_dim: int = 100
-    width: int = 32
+    width: int = 16  # 256x144 budget (a step at width 32 costs 7x as much); 32 at 64x64
     stabiliser: str = "r1"  # measured best (docs/benchmarks.md, "GAN stabilisers")
     r1_gamma: float = 0.1  # 10 (the StyleGAN default at 1024 px) stalls learning at 32-64 px
     r1_every: int = 4
@@ -63,7 +62,7 @@ class GANConfig:
     knn_k: int = 5
     max_frames: int | None = None  # cap on training frames per source (quick experiments)
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
 
     def __post_init__(self) -> None:
         self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"

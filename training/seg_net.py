@@ -12,12 +12,15 @@ Training corruptions (:func:`pseudo_anomalies`), DRAEM's recipe: a mask from thr
 noise (:func:`perlin_mask`; random scales per axis, so blobs range from a few pixels to most of the
 window) placed inside the training window, filled with texture from another normal frame or from
 another place of the same frame (sometimes noise or one colour), blended with an opacity of 0.5-1
-(DRAEM's beta); half of each batch stays clean. Never drawings of the edge-case families. Loss:
+(DRAEM's beta); half of the windows stay clean. A 256x144 frame gives four windows per step (one
+reconstruction), a 64x64 frame one. Never drawings of the edge-case families. Loss:
 focal loss on the per-pixel mask (Lin et al. 2017, as in DRAEM). The score graph and the cache are
 in training/heads/seg.py.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -127,52 +130,72 @@ def perlin_mask(rng: np.random.Generator, h: int, w: int) -> npt.NDArray[np.bool
     return mask
 
 
+Window = tuple[int, int, int, int]  # (top, left, height, width) in the full frame
+
+
 def pseudo_anomalies(
     frames: npt.NDArray[np.uint8],
     donors: npt.NDArray[np.uint8],
     rng: np.random.Generator,
-    windows: list[tuple[int, int, int, int]] | None = None,
+    windows: list[list[Window]] | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """The training signal: (frames with Perlin-mask defects, masks [N, H, W]); some frames stay clean.
+    """The training signal: (frames with Perlin-mask defects, masks [N, H, W]); some stay clean.
 
-    ``windows`` ``(top, left, height, width)`` per frame place each mask inside the window the net
-    will see (default: the whole frame). Fills: texture of another normal frame (``donors``) or of
-    another place of the same frame (both shifted by a random offset), else uniform noise or one
-    colour; blended with opacity beta in [0.5, 1].
+    ``windows[i]`` lists the training windows of frame ``i`` (default: the whole frame); each window
+    independently stays clean (``CLEAN_FRACTION``) or gets one defect inside it. Fills: texture of
+    another normal frame (``donors``) or of another place of the same frame (both shifted by a random
+    offset), else uniform noise or one colour; blended with opacity beta in [0.5, 1].
     """
     n, h, w, _ = frames.shape
     out = frames.copy()
-    masks = np.zeros((n, h, w), dtype=np.float32)
+    masks = np.zeros((n, h, w), dtype=bool)
     for i in range(n):
-        if rng.random() < CLEAN_FRACTION:
-            continue
-        top, left, wh, ww = windows[i] if windows is not None else (0, 0, h, w)
-        mask = np.zeros((h, w), dtype=bool)
-        mask[top : top + wh, left : left + ww] = perlin_mask(rng, wh, ww)
-        kind = rng.random()
-        if kind < 0.8:  # texture: another normal frame, or elsewhere in this one (DRAEM, CutPaste)
-            source = donors[rng.integers(len(donors))] if kind < 0.45 else frames[i]
-            shift = (int(rng.integers(1, h)) if h > 1 else 0, int(rng.integers(1, w)) if w > 1 else 0)
-            fill = np.roll(source, shift, axis=(0, 1)).astype(np.float32)
-        elif kind < 0.9:
-            fill = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
-        else:
-            fill = np.broadcast_to(rng.integers(0, 256, 3).astype(np.float32), (h, w, 3))
-        beta = rng.uniform(0.5, 1.0)
-        blended = beta * fill[mask] + (1 - beta) * frames[i][mask].astype(np.float32)
-        out[i][mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-        masks[i] = mask & np.any(out[i] != frames[i], axis=-1)  # a blend that changed nothing is no defect
-    return out, masks
+        for top, left, wh, ww in windows[i] if windows is not None else [(0, 0, h, w)]:
+            if rng.random() < CLEAN_FRACTION:
+                continue
+            mask = np.zeros((h, w), dtype=bool)
+            mask[top : top + wh, left : left + ww] = perlin_mask(rng, wh, ww)
+            kind = rng.random()
+            if kind < 0.8:  # texture: another normal frame, or elsewhere in this one (DRAEM, CutPaste)
+                source = donors[rng.integers(len(donors))] if kind < 0.45 else frames[i]
+                shift = (int(rng.integers(1, h)) if h > 1 else 0, int(rng.integers(1, w)) if w > 1 else 0)
+                fill = np.roll(source, shift, axis=(0, 1)).astype(np.float32)[mask]
+            elif kind < 0.9:
+                fill = rng.integers(0, 256, (int(mask.sum()), 3)).astype(np.float32)
+            else:
+                fill = np.broadcast_to(rng.integers(0, 256, 3).astype(np.float32), (int(mask.sum()), 3))
+            beta = rng.uniform(0.5, 1.0)
+            blended = beta * fill + (1 - beta) * out[i][mask].astype(np.float32)
+            out[i][mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+            masks[i] |= mask
+        masks[i] &= np.any(out[i] != frames[i], axis=-1)  # a blend that changed nothing is no defect
+    return out, masks.astype(np.float32)
+
+
+MAX_WINDOWS_PER_FRAME = 4
+
+
+def windows_per_frame(h: int, w: int, crop: int = CROP) -> int:
+    """Training windows cut from each frame of a step: 1 at 64x64, 4 at 256x144.
+
+    The generative network reconstructs whole frames, the step's costly part at 256x144; several
+    windows (each with its own defect or none) share one reconstruction, so a step of ``BATCH``
+    windows costs about the same at every size.
+    """
+    return max(1, min(MAX_WINDOWS_PER_FRAME, (h * w) // (crop * crop)))
 
 
 def window_positions(
-    h: int, w: int, n: int, rng: np.random.Generator, crop: int
-) -> list[tuple[int, int, int, int]]:
-    """``(top, left, height, width)`` of one random ``crop`` px window per frame (whole small frames)."""
+    h: int, w: int, n: int, rng: np.random.Generator, crop: int, per_frame: int = 1
+) -> list[list[Window]]:
+    """``per_frame`` random ``crop`` px windows for each of ``n`` frames (small frames: the whole)."""
     ch, cw = min(crop, h), min(crop, w)
-    tops = rng.integers(0, h - ch + 1, n)
-    lefts = rng.integers(0, w - cw + 1, n)
-    return [(int(t), int(c), ch, cw) for t, c in zip(tops, lefts, strict=True)]
+    tops = rng.integers(0, h - ch + 1, (n, per_frame))
+    lefts = rng.integers(0, w - cw + 1, (n, per_frame))
+    return [
+        [(int(t), int(c), ch, cw) for t, c in zip(ts, cs, strict=True)]
+        for ts, cs in zip(tops, lefts, strict=True)
+    ]
 
 
 def random_windows(
@@ -180,13 +203,14 @@ def random_windows(
     target: torch.Tensor,
     rng: np.random.Generator,
     crop: int,
-    windows: list[tuple[int, int, int, int]] | None = None,
+    windows: list[list[Window]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``crop`` x ``crop`` window per frame of inputs [N, C, H, W] and target [N, 1, H, W].
+    """Windows of inputs [N, C, H, W] and target [N, 1, H, W]: [sum of windows, C, crop, crop].
 
-    The windows are ``windows`` when given, else drawn at random. The U-Net is fully convolutional,
-    so it scores whole frames after training on windows; give it :func:`with_coords` inputs and each
-    window carries its place in the frame. Frames no larger than ``crop`` pass whole.
+    The windows are ``windows`` (per frame) when given, else one random window per frame. The U-Net
+    is fully convolutional, so it scores whole frames after training on windows; give it
+    :func:`with_coords` inputs and each window carries its place in the frame. Frames no larger than
+    ``crop`` pass whole.
     """
     h, w = inputs.shape[-2:]
     if h <= crop and w <= crop:
@@ -195,7 +219,8 @@ def random_windows(
         windows = window_positions(h, w, len(inputs), rng, crop)
     pairs = [
         (inputs[i, :, t : t + ch, c : c + cw], target[i, :, t : t + ch, c : c + cw])
-        for i, (t, c, ch, cw) in enumerate(windows)
+        for i, frame_windows in enumerate(windows)
+        for t, c, ch, cw in frame_windows
     ]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -216,8 +241,9 @@ def train_seg_net(
 ) -> tuple[SegNet, list[float]]:
     """Train the segmentation net on Perlin pseudo-anomalies of ``frames``; (net in eval mode, losses).
 
-    Per step: window positions first, then defects inside them, then the reconstruction of the whole
-    corrupted frames (the generative network sees whole frames), then the net on the windows.
+    Per step: window positions first (:func:`windows_per_frame` of them per frame), then defects
+    inside them, then the reconstruction of the whole corrupted frames (the generative network sees
+    whole frames), then the net on the ``BATCH`` windows.
     """
     if len(frames) < 2:
         raise ValueError(f"the seg head needs at least 2 normal frames to train on, got {len(frames)}")
@@ -228,11 +254,13 @@ def train_seg_net(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     losses: list[float] = []
     _, h, w, _ = frames.shape
+    per_frame = windows_per_frame(h, w)
     net.train()
     bar = tqdm(range(steps), desc="seg head", unit="step", leave=False)
     for _ in bar:
-        pick = rng.choice(len(frames), size=min(BATCH, len(frames)), replace=False)
-        windows = window_positions(h, w, len(pick), rng, CROP)
+        n_frames = min(math.ceil(BATCH / per_frame), len(frames))
+        pick = rng.choice(len(frames), size=n_frames, replace=False)
+        windows = window_positions(h, w, len(pick), rng, CROP, per_frame)
         corrupted, masks = pseudo_anomalies(frames[pick], frames, rng, windows)
         x = to_unit_range(torch.from_numpy(corrupted))
         with torch.no_grad():

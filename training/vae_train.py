@@ -34,7 +34,6 @@ from training.data import (
 from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
-from training.seg_net import STEPS as SEG_STEPS
 from training.shapes import parse_size, size_text
 from training.vae import VAE, nats_to_bits_per_dim
 from training.vae_plots import write_plots
@@ -60,11 +59,11 @@ class VAEConfig:
     device: str = "auto"
     amp: bool = True  # autocast, CUDA only
     patience: int = 5
-    max_minutes: float | None = 7.0
+    max_minutes: float | None = 5.0  # 256x144 budget (training/budgets.py: 7 at 64x64)
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
 
     def __post_init__(self) -> None:
         self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"

@@ -75,13 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed: same seed, same data, CPU -> same weights")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (CUDA if available)")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--max-minutes", type=float, help="training-loop time budget, stops cleanly")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="training-loop time budget, stops cleanly (default VAE 5, GAN 7 at 256x144: with the heads "
+        "about 30 minutes in all on 2 CPU cores; VAE 7, GAN 15 up to 64x64)",
+    )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     parser.add_argument(
         "--seg-steps",
         type=int,
-        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 2400, "
-        "about 20 minutes on 2 CPU cores at any size (64 px training windows); 0: no seg head)",
+        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 250 at "
+        "256x144, about 3 minutes on 2 CPU cores; 2400 up to 64x64; 0: no seg head)",
     )
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from its checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="one tiny batch through every step (seconds)")
@@ -122,6 +127,8 @@ def _coerce(value: str, annotation: Any, key: str) -> Any:
 
 def build_config(config_cls: type, args: argparse.Namespace) -> Any:
     """The config dataclass from the flags given (others keep their defaults)."""
+    from training.budgets import size_budgets
+
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)  # resolves postponed (string) annotations
     values: dict[str, Any] = {}
@@ -142,7 +149,10 @@ def build_config(config_cls: type, args: argparse.Namespace) -> Any:
             valid = ", ".join(sorted(fields))
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {valid}")
         values[key] = _coerce(raw.strip(), hints[key], key)
-    return config_cls(**values)
+    # budgets follow the frame size where the user set none (64x64 keeps its measured budgets)
+    size = values.get("size", fields["size"].default)
+    budgets = {k: v for k, v in size_budgets(args.model, size).items() if k in fields}
+    return config_cls(**{**budgets, **values})
 
 
 def run(args: argparse.Namespace) -> int:

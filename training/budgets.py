@@ -1,0 +1,38 @@
+"""Default CPU budgets of ``edgecase train`` per frame size: what a run gets for flags left out.
+
+At 256x144 (the default size) both runs together, with every head fitted and calibrated, are meant to
+take at most 30 minutes on a 2-core machine; the per-step times they were set from are in
+docs/benchmarks.md ("Training budgets at 256x144"). A step at 256x144 costs 4-9 times one at 64x64,
+so square sizes up to 64x64 keep the budgets the 64x64 accuracy figures were measured with.
+
+The dataclass defaults (``VAEConfig``, ``GANConfig``) are the 256x144 budgets; :func:`size_budgets`
+is what the CLI applies for other sizes, field by field, only where the user gave no value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.shapes import parse_size
+
+SMALL_PIXELS = 64 * 64
+
+# kind -> field -> value, for frames of at most SMALL_PIXELS pixels (the budgets before H x W sizes)
+SMALL: dict[str, dict[str, Any]] = {
+    "vae": {"max_minutes": 7.0, "seg_steps": 2400},
+    "gan": {"max_minutes": 15.0, "seg_steps": 2400, "width": 32},
+}
+# and above: 256x144 measured per step (VAE 2.3-5.3 s, GAN width 16 1.3 s, width 32 9.5 s, a seg
+# step 0.5-0.8 s at batch 64 / 32 on the shared 2-core machine)
+LARGE: dict[str, dict[str, Any]] = {
+    "vae": {"max_minutes": 5.0, "seg_steps": 250},
+    "gan": {"max_minutes": 7.0, "seg_steps": 250, "width": 16},
+}
+
+
+def size_budgets(kind: str, size: Any) -> dict[str, Any]:
+    """The default budget fields of a ``kind`` run at ``size`` (``"WxH"``, int or ``(h, w)``)."""
+    if kind not in SMALL:
+        raise ValueError(f"unknown run kind {kind!r}; valid: {', '.join(SMALL)}")
+    table = SMALL if parse_size(size).pixels <= SMALL_PIXELS else LARGE
+    return dict(table[kind])
