@@ -42,6 +42,8 @@ class VAEArch:
 
     def validate(self) -> None:
         """Clear errors for sizes the network cannot take."""
+        if self.depth is None:
+            check_size(self.size, what="VAE")  # the default depth needs a small core
         check_size(self.size, stages=self.resolved_depth(), what="VAE")
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("width and latent_dim must be positive")

@@ -35,7 +35,7 @@ from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
 from training.shapes import parse_size, size_text
-from training.vae import VAE, nats_to_bits_per_dim
+from training.vae import VAE, VAEArch, nats_to_bits_per_dim
 from training.vae_plots import write_plots
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     ``resume`` continues after the last checkpointed epoch with the saved config and data; only run
     control (epochs, patience, max_minutes, device, amp, calibrate) is taken from ``cfg``.
     """
+    VAEArch(size=cfg.size, width=cfg.width, depth=cfg.depth, latent_dim=cfg.latent_dim).validate()
     run_dir = runs.create_run_dir(out_dir, resume=resume)
     if resume:
         saved = runs.load_config(run_dir)
