@@ -6,7 +6,9 @@ docs/benchmarks.md ("Training budgets at 256x144"). A step at 256x144 costs 4-9 
 so square sizes up to 64x64 keep the budgets the 64x64 accuracy figures were measured with.
 
 The dataclass defaults (``VAEConfig``, ``GANConfig``) are the 256x144 budgets; :func:`size_budgets`
-is what the CLI applies for other sizes, field by field, only where the user gave no value.
+is what the CLI applies for other sizes, field by field, only where the user gave no value. Above
+64x64 the trainers also leave :data:`DEFERRED_LARGE` heads uncalibrated (evaluate and export
+calibrate them on demand).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ LARGE: dict[str, dict[str, Any]] = {
     "vae": {"max_minutes": 5.0, "seg_steps": 250},
     "gan": {"max_minutes": 7.0, "seg_steps": 250, "width": 16},
 }
+
+
+# Heads the trainers leave for evaluate/export to calibrate at sizes above SMALL_PIXELS: vae-iwae decodes
+# 16 samples per frame (about 0.3-0.6 s a frame at 256x144 on 2 cores, 5-10 minutes on 1,000 val
+# normals), more than the rest of the VAE run's calibration together.
+DEFERRED_LARGE = ("vae-iwae",)
+
+
+def deferred_heads(size: Any) -> tuple[str, ...]:
+    """Heads whose calibration the trainers leave to evaluate/export at ``size``."""
+    return () if parse_size(size).pixels <= SMALL_PIXELS else DEFERRED_LARGE
 
 
 def size_budgets(kind: str, size: Any) -> dict[str, Any]:

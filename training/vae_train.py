@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from contract.frames import FrameSize
 from training import runs
+from training.budgets import deferred_heads
 from training.data import (
     TrainingData,
     fingerprint_frames,
@@ -306,6 +307,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
     # A dry run fits and calibrates only the model heads: the others read the whole data set.
     heads = model_heads("vae") if cfg.dry_run else None
-    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run)
+    defer = deferred_heads(cfg.size)
+    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run, defer=defer)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir
