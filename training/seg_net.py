@@ -238,18 +238,22 @@ def train_seg_net(
     steps: int = STEPS,
     width: int = WIDTH,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[SegNet, list[float]]:
     """Train the segmentation net on Perlin pseudo-anomalies of ``frames``; (net in eval mode, losses).
 
     Per step: window positions first (:func:`windows_per_frame` of them per frame), then defects
     inside them, then the reconstruction of the whole corrupted frames (the generative network sees
-    whole frames), then the net on the ``BATCH`` windows.
+    whole frames), then the net on the ``BATCH`` windows. ``device`` (default CPU) runs the
+    reconstruction and the net there (a CUDA run's GPU); the returned net is on the CPU.
     """
     if len(frames) < 2:
         raise ValueError(f"the seg head needs at least 2 normal frames to train on, got {len(frames)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SegNet(width)
+    device = device or torch.device("cpu")
+    net = SegNet(width).to(device)
+    reconstructor = reconstructor.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     losses: list[float] = []
@@ -262,10 +266,11 @@ def train_seg_net(
         pick = rng.choice(len(frames), size=n_frames, replace=False)
         windows = window_positions(h, w, len(pick), rng, CROP, per_frame)
         corrupted, masks = pseudo_anomalies(frames[pick], frames, rng, windows)
-        x = to_unit_range(torch.from_numpy(corrupted))
+        x = to_unit_range(torch.from_numpy(corrupted).to(device))
         with torch.no_grad():
             inputs = with_coords(torch.cat([x, reconstructor(x)], dim=1))
-        inputs, target = random_windows(inputs, torch.from_numpy(masks)[:, None], rng, CROP, windows)
+        target = torch.from_numpy(masks)[:, None].to(device)
+        inputs, target = random_windows(inputs, target, rng, CROP, windows)
         loss = focal_loss(net(inputs), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,4 +278,5 @@ def train_seg_net(
         schedule.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    return net.eval(), losses
+    reconstructor.to("cpu")
+    return net.cpu().eval(), losses

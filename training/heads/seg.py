@@ -158,6 +158,12 @@ def resolve_steps(config: dict[str, Any], n_frames: int) -> int:
     return max(1, min(steps, math.ceil(MAX_EPOCHS * n_frames / BATCH)))
 
 
+def _device(config: dict[str, Any]) -> torch.device:
+    """Where the seg net trains: the run's CUDA device when it trained on one and it is here, else CPU."""
+    resolved = str(config.get("resolved_device", "cpu"))
+    return torch.device(resolved if resolved.startswith("cuda") and torch.cuda.is_available() else "cpu")
+
+
 def _cache(run_dir: Path, width: int) -> Path:
     return run_dir / "banks" / (SEG_FILE if width == WIDTH else f"seg-w{width}.pt")
 
@@ -206,7 +212,9 @@ def fit_seg_net(run_dir: str | Path, kind: str, width: int = WIDTH) -> None:
     seed = int(config.get("seed", 0))
     start = time.perf_counter()
     log.info("%s-seg: training the segmentation net, %d steps on %d normal frames", kind, steps, len(frames))
-    net, losses = train_seg_net(reconstructor, frames, steps=steps, width=width, seed=seed)
+    net, losses = train_seg_net(
+        reconstructor, frames, steps=steps, width=width, seed=seed, device=_device(config)
+    )
     log.info(
         "%s-seg: trained in %.0f s, focal loss %.4f -> %.4f (first / last 50 steps)",
         kind,
