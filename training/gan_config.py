@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from contract.frames import FrameSize
+from contract.frames import RESIZE_RULE, FrameSize
 from training import runs
 from training.data import TrainingData, fingerprint_frames
 from training.shapes import check_size, parse_size, size_text
@@ -117,6 +117,7 @@ def resolved_config(cfg: GANConfig, data: TrainingData, device: torch.device) ->
         "d_norm": "spectral" if "spectral" in stabilisers else "batch",
         "stabilisers": stabilisers,
         "encoder_trained": False,
+        "resize_rule": RESIZE_RULE,  # how the frames were brought to size (training/data.py)
         "data": data.sources,
         "data_fingerprint": data.fingerprint,
         "n_train": len(data.train),

@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from contract.frames import FrameSize
+from contract.frames import RESIZE_RULE, FrameSize
 from training import runs
 from training.budgets import deferred_heads
 from training.data import (
@@ -202,6 +202,7 @@ def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, v
         **asdict(cfg),
         "depth": vae.depth,
         "resolved_device": str(device),
+        "resize_rule": RESIZE_RULE,  # how the frames were brought to size (training/data.py)
         "data": data.sources,
         "data_fingerprint": data.fingerprint,
         "n_train": int(len(data.train)),

@@ -92,7 +92,8 @@ def test_runs_record_the_size_as_w_x_h_and_the_networks_take_it(runs: dict[str, 
     from training.heads.vae import load_vae
 
     for kind in ("vae", "gan"):
-        assert json.loads((runs[kind] / "config.json").read_text())["size"] == SIZE
+        config = json.loads((runs[kind] / "config.json").read_text())
+        assert (config["size"], config["resize_rule"]) == (SIZE, RESIZE_RULE)
     vae, _ = load_vae(runs["vae"])
     assert vae.bottom == (4, 6)  # 3 stride-2 stages: 32x48 -> 4x6
     gan, _ = load_gan(runs["gan"])
