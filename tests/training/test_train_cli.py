@@ -203,6 +203,16 @@ def test_size_is_w_x_h_and_budgets_follow_it_where_not_given() -> None:
     assert deferred_heads("256x144") == ("vae-iwae",) and deferred_heads(64) == ()
 
 
+def test_a_gan_dry_run_at_a_wide_size_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "gan"
+    argv = ["train", "gan", "--dry-run", "--size", "48x32", "--width", "4", "--latent-dim", "8"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["size"], config["width"]) == ("48x32", 4)
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["state_dict"]["generator.net.0.weight"].shape[-2:] == (4, 6)  # the 4x6 core
+
+
 def test_old_configs_with_an_int_size_still_load(tmp_path: Path) -> None:
     old = tiny_config(size=32)
     assert old.size == "32x32"
