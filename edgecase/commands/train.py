@@ -127,6 +127,7 @@ def _coerce(value: str, annotation: Any, key: str) -> Any:
 
 def build_config(config_cls: type, args: argparse.Namespace) -> Any:
     """The config dataclass from the flags given (others keep their defaults)."""
+    from contract.frames import frame_size
     from training.budgets import size_budgets
 
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
@@ -148,7 +149,8 @@ def build_config(config_cls: type, args: argparse.Namespace) -> Any:
         if not sep or key not in fields:
             valid = ", ".join(sorted(fields))
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {valid}")
-        values[key] = _coerce(raw.strip(), hints[key], key)
+        # a size is "WxH" or a side, parsed like --size
+        values[key] = str(frame_size(raw.strip())) if key == "size" else _coerce(raw.strip(), hints[key], key)
     # budgets follow the frame size where the user set none (64x64 keeps its measured budgets)
     size = values.get("size", fields["size"].default)
     budgets = {k: v for k, v in size_budgets(args.model, size).items() if k in fields}

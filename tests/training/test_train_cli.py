@@ -198,6 +198,7 @@ def test_size_is_w_x_h_and_budgets_follow_it_where_not_given() -> None:
     assert (square.max_minutes, square.seg_steps, square.width) == (15.0, 2400, 32)  # 64x64's budgets
     given = config("train", "gan", "--out", "x", "--size", "64", "--max-minutes", "2", "--set", "width=8")
     assert (given.max_minutes, given.width) == (2.0, 8)  # what the user gives wins
+    assert config("train", "vae", "--out", "x", "--set", "size=128x72").size == "128x72"
     from training.budgets import deferred_heads
 
     assert deferred_heads("256x144") == ("vae-iwae",) and deferred_heads(64) == ()
