@@ -116,7 +116,11 @@ class PatchDistanceGraph(nn.Module):
         n = f.shape[0]
         f = f.flatten(2).permute(2, 0, 1)  # [L, N, dim]
         d2 = (f * f).sum(-1, keepdim=True) - 2.0 * torch.bmm(f, self.bank_t) + self.bank_sq  # [L, N, M]
-        d = d2.min(dim=-1).values.clamp_min(0.0).sqrt()  # [L, N]
+        # The expansion finds the nearest entry fast but cancels badly near zero (sqrt of rounding
+        # noise); the distance to that entry is computed directly, so torch and onnxruntime agree.
+        idx = d2.argmin(dim=-1)  # [L, N]
+        nearest = torch.gather(self.bank_t, 2, idx[:, None, :].expand(-1, self.dim, -1))  # [L, dim, N]
+        d = (f - nearest.transpose(1, 2)).pow(2).sum(-1).sqrt()  # [L, N]
         return d.transpose(0, 1).reshape(n, self.grid[0], self.grid[1])
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
