@@ -100,7 +100,7 @@ def assert_parity(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's own deprecation warnings
-        names, _ = export_onnx(graph, path, size=frames.shape[1])
+        names, _ = export_onnx(graph, path, size=(frames.shape[1], frames.shape[2]))
     session = ort_session(path)
     for batch in batches:
         chunk = np.ascontiguousarray(frames[:batch])

@@ -33,11 +33,12 @@ from torch import nn
 _LN2 = math.log(2.0)
 
 
-def border_masks(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Boolean [1, 1, size, size] masks of the first row, the first column and the first pixel."""
-    idx = torch.arange(size)
-    first_row = (idx == 0).view(1, 1, size, 1).expand(1, 1, size, size)
-    first_col = (idx == 0).view(1, 1, 1, size).expand(1, 1, size, size)
+def border_masks(size: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean [1, 1, H, W] masks of the first row, the first column and the first pixel (``size``: a
+    square side or ``(H, W)``)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    first_row = (torch.arange(h) == 0).view(1, 1, h, 1).expand(1, 1, h, w)
+    first_col = (torch.arange(w) == 0).view(1, 1, 1, w).expand(1, 1, h, w)
     return first_row.clone(), first_col.clone(), first_row & first_col
 
 
@@ -85,7 +86,7 @@ class ComplexityCoder(nn.Module):
     The border masks are buffers built for ``size`` so the exported graph holds them as constants.
     """
 
-    def __init__(self, size: int, activity_scale: float = 16.0):
+    def __init__(self, size: int | tuple[int, int], activity_scale: float = 16.0):
         super().__init__()
         self.activity_scale = activity_scale
         first_row, first_col, first = border_masks(size)

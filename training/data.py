@@ -1,7 +1,9 @@
 """Frames for training and evaluation, read once into uint8 NHWC arrays.
 
-Training sets here are small (8,000 frames of 64x64 is 98 MB), so frames are decoded once into memory
-and the loops index arrays; no DataLoader workers are needed on a 2-core machine.
+Training sets here are small (8,000 frames of 256x144 is 885 MB, of 64x64 98 MB), so frames are decoded
+once into memory and the loops index arrays; no DataLoader workers are needed on a 2-core machine.
+Every frame is brought to the model's H x W by contract's one resize rule (``RESIZE_RULE``: resize to
+fit keeping the aspect, pad black), the rule the exported manifest names and the service applies.
 
 Sources (``--data``, several allowed; they concatenate, so frames reviewed as normal join a later run):
 - a *labelled folder* (has ``labels.csv``, e.g. written by ``edgecase synth``): normal frames of its
@@ -29,8 +31,10 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from contract.frames import RESIZE_RULE, FrameSize
 from contract.labels import is_normal, read_labels
 from contract.readers import ReadReport, iter_frames
+from training.shapes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def is_labelled_folder(source: str | Path) -> bool:
 
 
 def _read(
-    source: str | Path, size: int, keys: Sequence[str] | None, limit: int | None, desc: str
+    source: str | Path, size: FrameSize, keys: Sequence[str] | None, limit: int | None, desc: str
 ) -> tuple[list[str], list[Frames]]:
     """Read frames of one source (optionally only ``keys``), stopping after ``limit`` frames."""
     report = ReadReport()
@@ -70,7 +74,7 @@ def _read(
     got_keys: list[str] = []
     frames: list[Frames] = []
     key_set = set(keys) if keys is not None else None
-    it: Iterable = iter_frames(source, size=size, report=report, keys=key_set)
+    it: Iterable = iter_frames(source, size=size, rule=RESIZE_RULE, report=report, keys=key_set)
     with tqdm(it, total=total, desc=desc, unit="frame", leave=False) as bar:
         for frame in bar:
             got_keys.append(frame.key)
@@ -82,9 +86,9 @@ def _read(
     return got_keys, frames
 
 
-def _stack(frames: list[Frames], size: int) -> Frames:
+def _stack(frames: list[Frames], size: FrameSize) -> Frames:
     if not frames:
-        return np.zeros((0, size, size, 3), dtype=np.uint8)
+        return np.zeros((0, size.height, size.width, 3), dtype=np.uint8)
     return np.stack(frames).astype(np.uint8, copy=False)
 
 
@@ -96,7 +100,7 @@ def _seeded_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def _load_labelled_source(
-    folder: Path, size: int, seed: int, val_fraction: float, limit: int | None
+    folder: Path, size: FrameSize, seed: int, val_fraction: float, limit: int | None
 ) -> tuple[Frames, Frames, bool]:
     rows = [r for r in read_labels(folder) if is_normal(r.family)]
     train_keys = sorted(r.key for r in rows if r.split == "train")
@@ -130,13 +134,14 @@ def _load_labelled_source(
 
 def load_training_frames(
     sources: Sequence[str | Path],
-    size: int,
+    size: int | str | tuple[int, int],
     *,
     seed: int = 0,
     val_fraction: float = 0.1,
     max_frames: int | None = None,
 ) -> TrainingData:
-    """Read normal frames from every source at ``size`` x ``size`` into train and val arrays.
+    """Read normal frames from every source at ``size`` (``64``, ``"256x144"`` or ``(h, w)``) into
+    train and val arrays [N, H, W, 3].
 
     ``max_frames`` caps the training frames per source (val gets ``val_fraction`` of that), for dry
     runs and quick experiments; reading stops early instead of decoding everything.
@@ -146,10 +151,11 @@ def load_training_frames(
     modification times): training, its plots and the calibration of local heads all ask for the
     same frames in one command. Callers get their own copies of the arrays.
     """
-    key = _cache_key(sources, size, seed, val_fraction, max_frames)
+    frame = parse_size(size)
+    key = _cache_key(sources, frame, seed, val_fraction, max_frames)
     cached = _CACHE.get(key) if key is not None else None
     if cached is None:
-        cached = _load_training_frames(sources, size, seed, val_fraction, max_frames)
+        cached = _load_training_frames(sources, frame, seed, val_fraction, max_frames)
         if key is not None:
             _CACHE[key] = cached
             while len(_CACHE) > _CACHE_SIZE:
@@ -168,7 +174,7 @@ _CACHE: dict[tuple[Any, ...], TrainingData] = {}
 
 
 def _cache_key(
-    sources: Sequence[str | Path], size: int, seed: int, val_fraction: float, max_frames: int | None
+    sources: Sequence[str | Path], size: FrameSize, seed: int, val_fraction: float, max_frames: int | None
 ) -> tuple[Any, ...] | None:
     """Arguments plus, per source, the newest mtime of its folders and files at the top levels a write
     touches (a folder's mtime changes when an entry is added, removed or renamed in it; shards and
@@ -187,11 +193,11 @@ def _cache_key(
             stamps.append((str(path.resolve()), newest))
         except OSError:
             return None
-    return (tuple(stamps), size, seed, val_fraction, max_frames)
+    return (tuple(stamps), tuple(size), RESIZE_RULE, seed, val_fraction, max_frames)
 
 
 def _load_training_frames(
-    sources: Sequence[str | Path], size: int, seed: int, val_fraction: float, max_frames: int | None
+    sources: Sequence[str | Path], size: FrameSize, seed: int, val_fraction: float, max_frames: int | None
 ) -> TrainingData:
     if not sources:
         raise ValueError("no data sources given (use --data DIR_OR_SHARDS)")
@@ -249,7 +255,7 @@ def fingerprint_frames(*arrays: Frames) -> str:
 
 
 def load_labelled_frames(
-    folder: str | Path, size: int, *, max_per_family: int | None = None
+    folder: str | Path, size: int | str | tuple[int, int], *, max_per_family: int | None = None
 ) -> tuple[Frames, list[str], list[str], npt.NDArray[np.float32]]:
     """Frames of a labelled folder for evaluation: ``(frames, families, keys, strengths)``.
 
@@ -272,11 +278,12 @@ def load_labelled_frames(
                 picked.append(row)
         rows = picked
     by_key = {r.key: r for r in rows}
-    keys, frames = _read(path, size, list(by_key), None, f"read {path.name} labelled")
+    frame = parse_size(size)
+    keys, frames = _read(path, frame, list(by_key), None, f"read {path.name} labelled")
     if not frames:
         raise ValueError(f"none of the {len(by_key)} labelled frames in {path} could be read")
     if len(frames) < len(by_key):
         log.warning("%s: %d labelled frame(s) not found or unreadable", path, len(by_key) - len(frames))
     families = [by_key[k].family for k in keys]
     strengths = np.array([by_key[k].strength for k in keys], dtype=np.float32)
-    return _stack(frames, size), families, keys, strengths
+    return _stack(frames, frame), families, keys, strengths

@@ -6,30 +6,36 @@ Discriminator: strided convolutions with LeakyReLU(0.2), batch norm, or no batch
 on every layer (Miyato et al. 2018, SN-GAN), which is the stabiliser that removes batch-statistics
 coupling from D altogether. Encoder: the discriminator's body with ``latent_dim`` outputs.
 
-Any square power-of-two size from 32 to 256 works: there are ``log2(size) - 2`` resolution stages
-between ``size`` and the 4x4 core. Channels are ``width * 2**stage``, capped at ``width * 8``.
+Frames are H x W (``size``: ``"WxH"``, an int side, or ``(H, W)``; training/shapes.py): the stride-2
+stages go down to a small core (64x64 -> 4x4 in 4 stages, 256x144 -> 16x9 in 4); the generator's
+first layer and D's and E's heads are core-sized kernels. Channels are ``width * 2**stage``, capped at
+``width * 8``.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-MIN_SIZE, MAX_SIZE = 32, 256
+from training.shapes import check_size, core, max_stages
 
 
-def num_stages(size: int) -> int:
-    """Resolution stages between ``size`` and 4x4 (size 64 -> 4); a clear error for bad sizes."""
-    if not isinstance(size, int) or size < MIN_SIZE or size > MAX_SIZE or size & (size - 1):
-        raise ValueError(f"GAN image size must be a power of two in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
-    return int(math.log2(size)) - 2
+def num_stages(size: Any) -> int:
+    """Resolution stages between ``size`` and the core (64 -> 4, 256x144 -> 4); clear error for bad sizes."""
+    return max_stages(check_size(size, what="GAN"))
 
 
-def stage_channels(size: int, width: int) -> list[int]:
+def core_size(size: Any) -> tuple[int, int]:
+    """(h, w) of the core: 64 -> (4, 4), 256x144 -> (9, 16)."""
+    frame = check_size(size, what="GAN")
+    return core(frame, max_stages(frame))
+
+
+def stage_channels(size: Any, width: int) -> list[int]:
     """Channels after each discriminator stage, high resolution first (64, w=32: 32, 64, 128, 256)."""
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
@@ -49,26 +55,26 @@ def init_dcgan_weights(module: nn.Module) -> None:
 
 
 class Generator(nn.Module):
-    """z [N, latent_dim] -> image [N, 3, size, size] in [-1, 1]."""
+    """z [N, latent_dim] -> image [N, 3, H, W] in [-1, 1]."""
 
-    def __init__(self, size: int = 64, latent_dim: int = 100, width: int = 32) -> None:
+    def __init__(self, size: Any = 64, latent_dim: int = 100, width: int = 32) -> None:
         super().__init__()
         self.size, self.latent_dim = size, latent_dim
         chans = stage_channels(size, width)[::-1]  # low resolution (wide) first
         layers: list[nn.Module] = [
-            # [N, z, 1, 1] -> [N, chans[0], 4, 4]
-            nn.ConvTranspose2d(latent_dim, chans[0], 4, 1, 0, bias=False),
+            # [N, z, 1, 1] -> [N, chans[0], ch, cw] (the core, 4x4 at 64 px)
+            nn.ConvTranspose2d(latent_dim, chans[0], core_size(size), 1, 0, bias=False),
             nn.BatchNorm2d(chans[0]),
             nn.ReLU(True),
         ]
         for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
-            # [N, c_in, r, r] -> [N, c_out, 2r, 2r]
+            # [N, c_in, h, w] -> [N, c_out, 2h, 2w]
             layers += [
                 nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(True),
             ]
-        # [N, chans[-1], size/2, size/2] -> [N, 3, size, size]
+        # [N, chans[-1], H/2, W/2] -> [N, 3, H, W]
         layers += [nn.ConvTranspose2d(chans[-1], 3, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         init_dcgan_weights(self)
@@ -78,9 +84,9 @@ class Generator(nn.Module):
 
 
 class _ConvBody(nn.Module):
-    """Strided 4x4 convs halving the resolution per stage down to 4x4; shared by D and the encoder."""
+    """Strided 4x4 convs halving the resolution per stage down to the core; shared by D and the encoder."""
 
-    def __init__(self, size: int, width: int, norm: str) -> None:
+    def __init__(self, size: Any, width: int, norm: str) -> None:
         super().__init__()
         if norm not in ("batch", "spectral", "none"):
             raise ValueError(f"norm must be 'batch', 'spectral' or 'none', got {norm!r}")
@@ -90,7 +96,7 @@ class _ConvBody(nn.Module):
         c_in = 3
         for i, c_out in enumerate(chans):
             conv = nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm != "batch")
-            # [N, c_in, r, r] -> [N, c_out, r/2, r/2]; no batch norm on the input layer (Radford et al.)
+            # [N, c_in, h, w] -> [N, c_out, h/2, w/2]; no batch norm on the input layer (Radford et al.)
             block: list[nn.Module] = [spectral_norm(conv) if norm == "spectral" else conv]
             if norm == "batch" and i > 0:
                 block.append(nn.BatchNorm2d(c_out))
@@ -108,13 +114,13 @@ class _ConvBody(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image [N, 3, size, size] in [-1, 1] -> logit [N] (D(x) = sigmoid(logit) = P(real))."""
+    """image [N, 3, H, W] in [-1, 1] -> logit [N] (D(x) = sigmoid(logit) = P(real))."""
 
-    def __init__(self, size: int = 64, width: int = 32, norm: str = "batch") -> None:
+    def __init__(self, size: Any = 64, width: int = 32, norm: str = "batch") -> None:
         super().__init__()
         self.size = size
         self.body = _ConvBody(size, width, norm)
-        head = nn.Conv2d(self.body.out_channels, 1, 4, 1, 0)  # [N, C, 4, 4] -> [N, 1, 1, 1]
+        head = nn.Conv2d(self.body.out_channels, 1, core_size(size), 1, 0)  # [N, C, ch, cw] -> [N, 1, 1, 1]
         self.head = spectral_norm(head) if norm == "spectral" else head
         init_dcgan_weights(self)
 
@@ -130,13 +136,13 @@ class Discriminator(nn.Module):
 
 
 class Encoder(nn.Module):
-    """image [N, 3, size, size] -> z [N, latent_dim]: the f-AnoGAN encoder, D's architecture (izi_f)."""
+    """image [N, 3, H, W] -> z [N, latent_dim]: the f-AnoGAN encoder, D's architecture (izi_f)."""
 
-    def __init__(self, size: int = 64, latent_dim: int = 100, width: int = 32) -> None:
+    def __init__(self, size: Any = 64, latent_dim: int = 100, width: int = 32) -> None:
         super().__init__()
         self.body = _ConvBody(size, width, "batch")
-        # [N, C, 4, 4] -> [N, z, 1, 1]; linear output because the prior is N(0, I), not uniform.
-        self.head = nn.Conv2d(self.body.out_channels, latent_dim, 4, 1, 0)
+        # [N, C, ch, cw] -> [N, z, 1, 1]; linear output because the prior is N(0, I), not uniform.
+        self.head = nn.Conv2d(self.body.out_channels, latent_dim, core_size(size), 1, 0)
         init_dcgan_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +152,7 @@ class Encoder(nn.Module):
 class DCGAN(nn.Module):
     """Generator, discriminator and encoder in one module, so ``model.pt`` holds one state dict."""
 
-    def __init__(self, size: int = 64, latent_dim: int = 100, width: int = 32, d_norm: str = "batch") -> None:
+    def __init__(self, size: Any = 64, latent_dim: int = 100, width: int = 32, d_norm: str = "batch") -> None:
         super().__init__()
         self.size, self.latent_dim = size, latent_dim
         self.generator = Generator(size, latent_dim, width)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from training.runs import load_config, save_config
+from training.shapes import size_text
 
 KIND = "ensemble"
 HEAD = "ensemble-combo"
@@ -27,6 +28,12 @@ MEMBER_KINDS = ("vae", "gan")
 # What the ensemble copies from its members' configs (they must agree on the first four).
 SHARED_FIELDS = ("size", "seed", "data_fingerprint", "val_fraction")
 COPIED_FIELDS = ("data", "n_train", "n_val")
+
+
+def _shared(config: dict[str, Any], field: str) -> Any:
+    """A field to compare across members; sizes as "WxH" (old runs wrote an int side)."""
+    value = config.get(field)
+    return size_text(value) if field == "size" and value is not None else value
 
 
 def create_ensemble(members: list[str | Path], out: str | Path) -> Path:
@@ -51,7 +58,7 @@ def create_ensemble(members: list[str | Path], out: str | Path) -> Path:
         configs[kind] = (path, config)
     first = configs[MEMBER_KINDS[0]][1]
     for field in SHARED_FIELDS:
-        values = {kind: cfg.get(field) for kind, (_, cfg) in configs.items()}
+        values = {kind: _shared(cfg, field) for kind, (_, cfg) in configs.items()}
         if len(set(map(str, values.values()))) > 1:
             detail = ", ".join(f"{kind} {value}" for kind, value in values.items())
             raise ValueError(

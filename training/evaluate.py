@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from contract.frames import frame_size
 from contract.manifest import is_edge_case
 from training.calibrate import Calibration, calibrate_scores
 
@@ -149,10 +148,10 @@ def evaluate_run(
     from training.calibrate import calibrate_graph, graph_fingerprint, load_calibration
     from training.data import load_labelled_frames
     from training.heads import available_heads, build_score_graph
-    from training.runs import load_config, run_normals
+    from training.runs import load_config, run_normals, run_size
 
     config = load_config(run_dir)
-    size = frame_size(config["size"])
+    size = run_size(config)  # "WxH" (an int side in runs made before H x W sizes)
     names = available_heads(run_dir) if heads is None else list(heads)
     valid = set(available_heads(run_dir))
     unknown = [h for h in names if h not in valid]

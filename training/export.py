@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from contract.frames import RESIZE_RULE
 from contract.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -77,6 +78,7 @@ from training.onnx_graph import (
     run_ort,
     run_torch,
 )
+from training.shapes import parse_size
 from training.variants import VARIANTS, Variant, make_variant
 
 if TYPE_CHECKING:
@@ -162,7 +164,7 @@ def export_graph(
     name: str,
     *,
     model: ModelInfo,
-    size: int,
+    size: int | tuple[int, int],
     normals: Frames,
     edges: Frames,
     families: list[str],
@@ -188,17 +190,18 @@ def export_graph(
     if version is not None and (model_dir / str(version)).exists():
         raise ExportError(f"{model_dir / str(version)} already exists; published versions are never modified")
     graph = graph.eval()
+    frame = parse_size(size)
     with staging(model_dir) as tmp:
         print(f"[2/5] exporting to ONNX (opset {opset}, variant {variant})", flush=True)
         fp32_path = tmp / ".fp32.onnx"
-        names, exporter = export_onnx(graph, fp32_path, size, opset)
+        names, exporter = export_onnx(graph, fp32_path, frame, opset)
         check_onnx(fp32_path)
         model_path = tmp / MODEL_FILE
         make_variant(fp32_path, model_path, variant)
         fp32_path.unlink()
         check_onnx(model_path)
         session = ort_session(model_path)
-        check_signature(session, size, names)
+        check_signature(session, frame, names)
 
         print("[3/5] torch vs onnxruntime parity on normal and edge-case frames", flush=True)
         parity_set = np.concatenate([normals[:N_PARITY_FRAMES], edges[:N_PARITY_FRAMES]])
@@ -218,13 +221,14 @@ def export_graph(
 
         outputs = [OutputSpec(name="score", shape=["N"])]
         if "anomaly_map" in names:
-            outputs.append(OutputSpec(name="anomaly_map", shape=["N", size, size]))
+            outputs.append(OutputSpec(name="anomaly_map", shape=["N", frame.height, frame.width]))
         manifest = Manifest(
             name=name,
             version=version or 1,  # publish() sets the real one
             created_at=utc_now(),
             model=model,
-            input=InputSpec(height=size, width=size),
+            # the rule the run's frames were read with (training/data.py), so serving matches training
+            input=InputSpec(height=frame.height, width=frame.width, resize_rule=RESIZE_RULE),
             outputs=outputs,
             threshold=Threshold(value=cal.threshold, target_fpr=target_fpr, calibration_n=cal.n),
             calibration=Calibration(
@@ -263,11 +267,11 @@ def export_run(
 ) -> Path:
     """`edgecase export`: the head's graph of a run, calibrated on the run's val split or on `data`."""
     from training.heads import build_score_graph, head_info
-    from training.runs import load_config
+    from training.runs import load_config, run_size
 
     run_dir = Path(run_dir)
     config = load_config(run_dir)
-    size, kind = int(config["size"]), str(config["kind"])
+    size, kind = run_size(config), str(config["kind"])
     info = head_info(head)  # ValueError listing the valid heads
     print(f"[1/5] building score graph {head} of {run_dir}", flush=True)
     graph = build_score_graph(run_dir, head)

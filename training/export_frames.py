@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from contract.frames import RESIZE_RULE, FrameSize
 from training.onnx_graph import ExportError, Frames
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 N_PARITY_FRAMES = 37  # per kind (normal, edge case): one full batch of 37 each
 
 
-def read_normal_frames(source: str | Path, size: int, limit: int | None = None) -> Frames:
+def read_normal_frames(source: str | Path, size: FrameSize, limit: int | None = None) -> Frames:
     """Frames of a folder/shard/Parquet of held-out normals; frames labelled as another family are skipped."""
     from contract.readers import ReadReport, count_frames, iter_frames
 
@@ -29,7 +30,10 @@ def read_normal_frames(source: str | Path, size: int, limit: int | None = None) 
     frames = []
     total = count_frames(source)
     for frame in tqdm(
-        iter_frames(source, size=size, report=report), total=total, desc="read normals", leave=False
+        iter_frames(source, size=size, rule=RESIZE_RULE, report=report),
+        total=total,
+        desc="read normals",
+        leave=False,
     ):
         if str(frame.meta.get("family", "normal")) != "normal":
             continue
@@ -46,7 +50,7 @@ def run_data_sources(config: dict[str, Any]) -> list[str]:
     return [str(s) for s in ([sources] if isinstance(sources, str | Path) else sources)]
 
 
-def held_out_normals(config: dict[str, Any], size: int) -> Frames:
+def held_out_normals(config: dict[str, Any], size: FrameSize) -> Frames:
     """The run's own validation normals, split exactly as the trainer split them (never trained on)."""
     from training.data import load_training_frames
 
@@ -55,7 +59,7 @@ def held_out_normals(config: dict[str, Any], size: int) -> Frames:
         if not config.get("dry_run"):
             raise ExportError("the run's config.json names no data sources; pass --data NORMALS")
         log.warning("dry run without data: calibrating on noise frames (the threshold means nothing)")
-        return np.random.default_rng(0).integers(0, 256, (N_PARITY_FRAMES, size, size, 3), dtype=np.uint8)
+        return np.random.default_rng(0).integers(0, 256, (N_PARITY_FRAMES, *size, 3), dtype=np.uint8)
     max_frames = config.get("max_frames")
     if config.get("dry_run"):  # the trainer read only its first few frames; split the same ones
         max_frames = _dry_run_frames(str(config["kind"]))
@@ -80,7 +84,9 @@ def _dry_run_frames(kind: str) -> int:
     return GAN_FRAMES
 
 
-def edge_case_frames(config: dict[str, Any], size: int, normals: Frames, n: int) -> tuple[Frames, list[str]]:
+def edge_case_frames(
+    config: dict[str, Any], size: FrameSize, normals: Frames, n: int
+) -> tuple[Frames, list[str]]:
     """Edge-case frames with families: the test split of a labelled data source, else perturbed normals."""
     from training.data import is_labelled_folder, load_labelled_frames
 

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.frames import RESIZE_RULE, FrameSize
 from training import runs
 from training.data import TrainingData, fingerprint_frames
-from training.seg_net import STEPS as SEG_STEPS
+from training.shapes import check_size, parse_size, size_text
 
 # Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
 _RESUMABLE_FIELDS = (
@@ -33,9 +34,9 @@ DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
 
 @dataclass
 class GANConfig:
-    """Hyper-parameters of ``edgecase train gan``; defaults fit 8,000 frames of 64x64 on 2 CPU cores."""
+    """Hyper-parameters of ``edgecase train gan``; defaults: the 256x144 CPU budgets (training/budgets.py)."""
 
-    size: int = 64
+    size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
     batch_size: int = 64
     epochs: int = 10
     lr: float = 2e-4
@@ -43,11 +44,11 @@ class GANConfig:
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast, CUDA only
     patience: int = 3  # encoder phase only (the GAN phase has no validation loss to stop on)
-    max_minutes: float | None = 15.0  # whole run; the GAN phase gets GAN_TIME_SHARE of it
+    max_minutes: float | None = 7.0  # whole run (GAN phase: GAN_TIME_SHARE); 256x144 budget, 15 at 64x64
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the VAE
     latent_dim: int = 100
-    width: int = 32
+    width: int = 16  # 256x144 budget (a step at width 32 costs 7x as much); 32 at 64x64
     stabiliser: str = "r1"  # measured best (docs/benchmarks.md, "GAN stabilisers")
     r1_gamma: float = 0.1  # 10 (the StyleGAN default at 1024 px) stalls learning at 32-64 px
     r1_every: int = 4
@@ -61,7 +62,14 @@ class GANConfig:
     knn_k: int = 5
     max_frames: int | None = None  # cap on training frames per source (quick experiments)
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
+
+    def __post_init__(self) -> None:
+        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return parse_size(self.size)
 
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""
@@ -77,6 +85,7 @@ class GANConfig:
 
     def validate(self) -> None:
         """Clear errors for bad values before any work starts."""
+        check_size(self.size, what="GAN")
         self.stabilisers()
         for name in ("batch_size", "latent_dim", "width", "r1_every", "knn_k", "bank_size"):
             if getattr(self, name) < 1:
@@ -95,7 +104,7 @@ class GANConfig:
 def noise_data(cfg: GANConfig) -> TrainingData:
     """Seeded noise frames: a dry run without ``--data`` still pushes a batch through every step."""
     rng = np.random.default_rng(cfg.seed)
-    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, cfg.size, cfg.size, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 4, *cfg.frame_size, 3), dtype=np.uint8)
     train, val = frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:]
     return TrainingData(train, val, sources=[], fingerprint=fingerprint_frames(train, val))
 
@@ -108,6 +117,7 @@ def resolved_config(cfg: GANConfig, data: TrainingData, device: torch.device) ->
         "d_norm": "spectral" if "spectral" in stabilisers else "batch",
         "stabilisers": stabilisers,
         "encoder_trained": False,
+        "resize_rule": RESIZE_RULE,  # how the frames were brought to size (training/data.py)
         "data": data.sources,
         "data_fingerprint": data.fingerprint,
         "n_train": len(data.train),

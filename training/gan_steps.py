@@ -116,8 +116,9 @@ def gan_epoch_metrics(
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on CUDA only (no loss scaling needed); a no-op on CPU."""
-    if enabled and device.type == "cuda":
+    """bfloat16 autocast on CUDA where the GPU supports it (no loss scaling needed); a no-op on CPU
+    and on GPUs without bfloat16 (float16 would need a GradScaler through the R1 penalty)."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

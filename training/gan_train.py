@@ -167,11 +167,10 @@ def train_gan(cfg: GANConfig, data_sources: list[str], out_dir: Path, resume: bo
     gan_epochs = 1 if cfg.dry_run else cfg.epochs
     encoder_epochs = min(1, cfg.encoder_epochs) if cfg.dry_run else cfg.encoder_epochs
     log.info(
-        "GAN run %s: %d train / %d val frames of %dx%d on %s, stabiliser %s",
+        "GAN run %s: %d train / %d val frames of %s on %s, stabiliser %s",
         run_dir,
         len(train),
         len(val),
-        cfg.size,
         cfg.size,
         device,
         cfg.stabiliser,

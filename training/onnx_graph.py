@@ -3,7 +3,7 @@
 The checks every export passes (training/export.py runs them before anything is published):
 
 - the file: `onnx.checker` with strict shape inference (:func:`check_onnx`);
-- the interface, the contract with the service: uint8 `frames` [N, size, size, 3] in with a dynamic
+- the interface, the contract with the service: uint8 `frames` [N, H, W, 3] in with a dynamic
   N, `score` [N] and optionally `anomaly_map` [N, H, W] out (:func:`check_signature`);
 - parity (:func:`check_parity`): onnxruntime at batch 1 and 37 against torch, relative difference
   `|a - b| / max(|a|, |b|, eps)` under 1e-4, with `eps` the typical |score| of a normal frame
@@ -127,7 +127,9 @@ def _softplus_symbolic(g: Any, x: Any, beta: Any, threshold: Any) -> Any:
     return out if b == 1.0 else g.op("Div", out, g.op("Constant", value_t=torch.tensor(b)))
 
 
-def export_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> tuple[list[str], str]:
+def export_onnx(
+    graph: nn.Module, path: Path, size: int | tuple[int, int], opset: int = OPSET
+) -> tuple[list[str], str]:
     """Trace `graph` at batch TRACE_BATCH into `path`; returns (output names, exporter used).
 
     The legacy TorchScript exporter (`dynamo=False`) is tried first: fast and exact for these
@@ -135,9 +137,8 @@ def export_onnx(graph: nn.Module, path: Path, size: int, opset: int = OPSET) -> 
     """
     import torch
 
-    example = torch.from_numpy(
-        np.random.default_rng(0).integers(0, 256, (TRACE_BATCH, size, size, 3), np.uint8)
-    )
+    h, w = _hw(size)
+    example = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (TRACE_BATCH, h, w, 3), np.uint8))
     with torch.inference_mode():
         out = graph(example)
     n_out = len(out) if isinstance(out, tuple | list) else 1
@@ -190,13 +191,19 @@ def check_onnx(path: Path) -> None:
         raise ExportError(f"{path}: onnx.checker failed: {exc}") from exc
 
 
-def check_signature(session: ort.InferenceSession, size: int, names: Sequence[str]) -> None:
-    """The exported interface is the contract: uint8 [N, size, size, 3] in, named float outputs out."""
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of a square side or an (H, W) pair (a FrameSize)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def check_signature(session: ort.InferenceSession, size: int | tuple[int, int], names: Sequence[str]) -> None:
+    """The exported interface is the contract: uint8 [N, H, W, 3] in, named float outputs out."""
+    h, w = _hw(size)
     (inp,) = session.get_inputs()
     if inp.name != "frames" or inp.type != "tensor(uint8)":
         raise ExportError(f"graph input is {inp.name} {inp.type}, expected frames tensor(uint8)")
-    if isinstance(inp.shape[0], int) or list(inp.shape[1:]) != [size, size, 3]:
-        raise ExportError(f"graph input shape {inp.shape}, expected [N, {size}, {size}, 3] with dynamic N")
+    if isinstance(inp.shape[0], int) or list(inp.shape[1:]) != [h, w, 3]:
+        raise ExportError(f"graph input shape {inp.shape}, expected [N, {h}, {w}, 3] with dynamic N")
     got = [o.name for o in session.get_outputs()]
     if got != list(names):
         raise ExportError(f"graph outputs {got}, expected {list(names)}")

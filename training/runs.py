@@ -28,6 +28,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from contract.frames import FrameSize
+from training.shapes import parse_size
+
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -83,6 +86,13 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no {CONFIG})")
     return json.loads(path.read_text())
+
+
+def run_size(config: dict[str, Any]) -> FrameSize:
+    """The model input size of a run's config: ``"WxH"`` (an int in runs made before H x W sizes)."""
+    if "size" not in config:
+        raise ValueError("the run's config has no size")
+    return parse_size(config["size"])
 
 
 def append_history(run_dir: str | Path, record: dict[str, Any]) -> None:
@@ -231,7 +241,7 @@ def run_normals(run_dir: str | Path, split: str, limit: int | None = None) -> np
     seed = int(config.get("seed", 0))
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data = load_training_frames(sources, int(config["size"]), seed=seed)
+    data = load_training_frames(sources, run_size(config), seed=seed)
     frames = data.train if split == "train" else data.val
     if limit is not None and len(frames) > limit:
         pick = np.sort(np.random.default_rng(seed).choice(len(frames), limit, replace=False))

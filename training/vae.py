@@ -1,4 +1,4 @@
-"""Convolutional variational autoencoder (Kingma & Welling, ICLR 2014) for square RGB frames.
+"""Convolutional variational autoencoder (Kingma & Welling, ICLR 2014) for H x W RGB frames.
 
 Pixels enter in [-1, 1] (``x = uint8 / 127.5 - 1``, the scaling the score graphs do). The decoder
 outputs the mean image through a Tanh and the likelihood is a *discretised logistic* over the 256
@@ -18,29 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.shapes import check_size, core, max_stages, parse_size, size_text
+
 
 @dataclass(frozen=True)
 class VAEArch:
-    """What it takes to rebuild the network (stored in model.pt)."""
+    """What it takes to rebuild the network (stored in model.pt). ``size`` is ``"WxH"`` (an int in old
+    model files: a square side)."""
 
-    size: int = 64
+    size: int | str = 64
     width: int = 32
-    depth: int | None = None  # stride-2 stages; None: down to 4x4 (64 px -> 4 stages)
+    depth: int | None = None  # stride-2 stages; None: down to a small core (64 px -> 4 stages, 4x4)
     latent_dim: int = 64
 
     def resolved_depth(self) -> int:
-        """Stages to bring ``size`` down to 4x4 unless given explicitly."""
+        """Stages down to the core unless given explicitly."""
         if self.depth is not None:
             return self.depth
-        return int(round(math.log2(self.size / 4)))
+        size = parse_size(self.size)
+        if size.height == size.width:  # the rule square runs were trained with (96 px -> 5 stages)
+            return int(round(math.log2(size.height / 4)))
+        return max_stages(size)
 
     def validate(self) -> None:
         """Clear errors for sizes the network cannot take."""
-        if not 32 <= self.size <= 256:
-            raise ValueError(f"image size must be in 32..256, got {self.size}")
-        depth = self.resolved_depth()
-        if depth < 1 or self.size % (2**depth) != 0:
-            raise ValueError(f"size {self.size} is not divisible by 2**depth = {2**depth}")
+        if self.depth is None:
+            check_size(self.size, what="VAE")  # the default depth needs a small core
+        check_size(self.size, stages=self.resolved_depth(), what="VAE")
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("width and latent_dim must be positive")
 
@@ -53,37 +57,46 @@ def _channels(width: int, stage: int) -> int:
 class VAE(nn.Module):
     """Encoder -> diagonal Gaussian q(z|x); decoder -> mean image and a per-channel logistic scale."""
 
-    def __init__(self, size: int = 64, width: int = 32, depth: int | None = None, latent_dim: int = 64):
+    def __init__(
+        self,
+        size: int | str | tuple[int, int] = 64,
+        width: int = 32,
+        depth: int | None = None,
+        latent_dim: int = 64,
+    ):
         super().__init__()
-        self.arch = VAEArch(size=size, width=width, depth=depth, latent_dim=latent_dim)
+        frame = parse_size(size)
+        # an int stays an int in model.pt, so files written before H x W rebuild byte for byte
+        self.arch = VAEArch(size=size if isinstance(size, int) else size_text(frame), width=width,
+                            depth=depth, latent_dim=latent_dim)  # fmt: skip
         self.arch.validate()
         d = self.arch.resolved_depth()
-        self.size, self.latent_dim, self.depth = size, latent_dim, d
-        self.bottom = size // 2**d  # 64 px, 4 stages -> 4
+        self.frame_size, self.latent_dim, self.depth = frame, latent_dim, d
+        self.bottom = core(frame, d)  # (h, w): 64 px, 4 stages -> (4, 4); 144x256 -> (9, 16)
         self.bottom_channels = _channels(width, d - 1)
 
         layers: list[nn.Module] = []
         c_in = 3
-        for i in range(d):  # [N, c_in, s, s] -> [N, c, s/2, s/2]
+        for i in range(d):  # [N, c_in, h, w] -> [N, c, h/2, w/2]
             c = _channels(width, i)
             layers += [nn.Conv2d(c_in, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.LeakyReLU(0.2)]
             c_in = c
         self.encoder = nn.Sequential(*layers)
-        flat = self.bottom_channels * self.bottom**2
+        flat = self.bottom_channels * self.bottom[0] * self.bottom[1]
         self.to_stats = nn.Linear(flat, 2 * latent_dim)  # [N, flat] -> [N, 2L] (mu, logvar)
 
-        self.from_z = nn.Linear(latent_dim, flat)  # [N, L] -> [N, C * b * b]
+        self.from_z = nn.Linear(latent_dim, flat)  # [N, L] -> [N, C * bh * bw]
         layers = []
-        for i in reversed(range(1, d)):  # [N, c_i, s, s] -> [N, c_{i-1}, 2s, 2s]
+        for i in reversed(range(1, d)):  # [N, c_i, h, w] -> [N, c_{i-1}, 2h, 2w]
             c, c_out = _channels(width, i), _channels(width, i - 1)
             layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-        # last stage: [N, width, size/2, size/2] -> [N, 3, size, size]
+        # last stage: [N, width, H/2, W/2] -> [N, 3, H, W]
         layers += [nn.ConvTranspose2d(_channels(width, 0), 3, 4, 2, 1), nn.Tanh()]
         self.decoder = nn.Sequential(*layers)
         # per-channel log-scale of the logistic; starts at scale ~0.1 (about 13 grey levels)
         self.log_scale = nn.Parameter(torch.full((1, 3, 1, 1), math.log(0.1)))
 
-    def config(self) -> dict[str, int | None]:
+    def config(self) -> dict[str, int | str | None]:
         """Constructor arguments, for model.pt."""
         return asdict(self.arch)
 
@@ -95,7 +108,7 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [N, L] -> mean image [N, 3, H, W] in [-1, 1]."""
-        h = self.from_z(z).view(-1, self.bottom_channels, self.bottom, self.bottom)
+        h = self.from_z(z).view(-1, self.bottom_channels, *self.bottom)
         return self.decoder(F.leaky_relu(h, 0.2))
 
     def pixel_nll(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _tsne_frames(data: TrainingData, seed: int) -> tuple[npt.NDArray[np.uint8], 
         if not is_labelled_folder(source):
             continue
         try:
-            test, families, _, _ = load_labelled_frames(source, data.val.shape[1], max_per_family=40)
+            test, families, _, _ = load_labelled_frames(source, data.val.shape[1:3], max_per_family=40)
         except ValueError as exc:
             log.info("t-SNE without test frames of %s: %s", source, exc)
             continue

@@ -24,7 +24,9 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
+from contract.frames import RESIZE_RULE, FrameSize
 from training import runs
+from training.budgets import deferred_heads
 from training.data import (
     TrainingData,
     fingerprint_frames,
@@ -33,8 +35,8 @@ from training.data import (
 from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
-from training.seg_net import STEPS as SEG_STEPS
-from training.vae import VAE, nats_to_bits_per_dim
+from training.shapes import parse_size, size_text
+from training.vae import VAE, VAEArch, nats_to_bits_per_dim
 from training.vae_plots import write_plots
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ DRY_RUN_FRAMES = 8
 class VAEConfig:
     """Everything that decides a VAE run; saved resolved in config.json and model.pt."""
 
-    size: int = 64
+    size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
     width: int = 32
     depth: int | None = None  # None: stride-2 stages down to 4x4
     latent_dim: int = 64
@@ -58,11 +60,18 @@ class VAEConfig:
     device: str = "auto"
     amp: bool = True  # autocast, CUDA only
     patience: int = 5
-    max_minutes: float | None = 7.0
+    max_minutes: float | None = 5.0  # 256x144 budget (training/budgets.py: 7 at 64x64)
     dry_run: bool = False
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
     calibrate: bool = True  # calibrate every head on the val normals at the end
-    seg_steps: int = SEG_STEPS  # training steps of the <kind>-seg head's net (0: no seg head)
+    seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
+
+    def __post_init__(self) -> None:
+        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return parse_size(self.size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
@@ -78,7 +87,7 @@ _RESUMABLE_FIELDS = ("epochs", "patience", "max_minutes", "device", "amp", "num_
 def _noise_data(cfg: VAEConfig) -> TrainingData:
     """Seeded noise frames so a dry run works without any data."""
     rng = np.random.default_rng(cfg.seed)
-    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 2, cfg.size, cfg.size, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, (DRY_RUN_FRAMES + 2, *cfg.frame_size, 3), dtype=np.uint8)
     return TrainingData(frames[:DRY_RUN_FRAMES], frames[DRY_RUN_FRAMES:], [], fingerprint_frames(frames))
 
 
@@ -111,7 +120,7 @@ def evaluate_vae(
 ) -> dict[str, float]:
     """Mean -ELBO bits/dim (z = mu, deterministic), reconstruction and KL parts, on ``frames``."""
     vae.eval()
-    dims = 3 * vae.size * vae.size
+    dims = 3 * vae.frame_size.pixels
     total = recon_sum = kl_sum = 0.0
     for idx in _batches(len(frames), batch_size, None):
         x = to_unit_range(torch.from_numpy(frames[idx.numpy()]).to(device))
@@ -139,7 +148,7 @@ def _train_epoch(
     time budget holds even when one epoch is long (a busy, shared CPU).
     """
     vae.train()
-    dims = 3 * cfg.size * cfg.size
+    dims = 3 * cfg.frame_size.pixels
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     batches = _batches(len(frames), cfg.batch_size, gen)
     if cfg.dry_run:
@@ -193,6 +202,7 @@ def _resolved_config(cfg: VAEConfig, data: TrainingData, device: torch.device, v
         **asdict(cfg),
         "depth": vae.depth,
         "resolved_device": str(device),
+        "resize_rule": RESIZE_RULE,  # how the frames were brought to size (training/data.py)
         "data": data.sources,
         "data_fingerprint": data.fingerprint,
         "n_train": int(len(data.train)),
@@ -209,6 +219,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     ``resume`` continues after the last checkpointed epoch with the saved config and data; only run
     control (epochs, patience, max_minutes, device, amp, calibrate) is taken from ``cfg``.
     """
+    VAEArch(size=cfg.size, width=cfg.width, depth=cfg.depth, latent_dim=cfg.latent_dim).validate()
     run_dir = runs.create_run_dir(out_dir, resume=resume)
     if resume:
         saved = runs.load_config(run_dir)
@@ -242,7 +253,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
         log.info("resuming %s after epoch %d (best val %.4f bits/dim)", run_dir, ckpt["epoch"], best_val)
     runs.save_config(run_dir, config)
     log.info(
-        "VAE %dpx width %d depth %d latent %d: %d train / %d val frames on %s",
+        "VAE %s width %d depth %d latent %d: %d train / %d val frames on %s",
         cfg.size, cfg.width, vae.depth, cfg.latent_dim, len(data.train), len(data.val), device,
     )  # fmt: skip
 
@@ -297,6 +308,7 @@ def train_vae(cfg: VAEConfig, data_sources: list[str], out_dir: str | Path, resu
     write_plots(best, run_dir, data, device, history, tsne=True, seed=cfg.seed)
     # A dry run fits and calibrates only the model heads: the others read the whole data set.
     heads = model_heads("vae") if cfg.dry_run else None
-    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run)
+    defer = deferred_heads(cfg.size)
+    fit_heads(run_dir, data.val, heads=heads, calibrate=cfg.calibrate, check=cfg.dry_run, defer=defer)
     log.info("done: %s (best val %.4f bits/dim after %d epochs)", run_dir, best_val, epoch)
     return run_dir

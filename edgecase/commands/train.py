@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub,
         "train",
         "Train a VAE or a DCGAN on normal frames (checkpoints, early stopping, plots, calibration).",
-        "edgecase train vae --data data/synth --out runs/vae    # then: edgecase evaluate runs/vae ...",
+        "edgecase train vae --data data/synth --size 256x144 --out runs/vae    # then: edgecase evaluate ...",
     )
     parser.add_argument("model", choices=["vae", "gan"], help="which generative model")
     parser.add_argument(
@@ -61,7 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--size", type=int, help="frames are resized to SIZE x SIZE (32..256)")
+    parser.add_argument(
+        "--size",
+        type=_size,
+        metavar="WxH",
+        help="model input, e.g. 256x144 (default) or 64 (square); frames are resized to fit and padded "
+        "black (the one resize rule); both sides 32..512 and divisible by 8",
+    )
     parser.add_argument("--latent-dim", type=int)
     parser.add_argument("--width", type=int, help="base channels of the networks")
     parser.add_argument("--depth", type=int, help="VAE stride-2 stages (default: down to 4x4)")
@@ -69,13 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="seed: same seed, same data, CPU -> same weights")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (CUDA if available)")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--max-minutes", type=float, help="training-loop time budget, stops cleanly")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="training-loop time budget, stops cleanly (default VAE 5, GAN 7 at 256x144: with the heads "
+        "about 30 minutes in all on 2 CPU cores; VAE 7, GAN 15 up to 64x64)",
+    )
     parser.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
     parser.add_argument(
         "--seg-steps",
         type=int,
-        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 2400, "
-        "about 20 minutes on 2 CPU cores at any size (64 px training windows); 0: no seg head)",
+        help="steps for the <kind>-seg head's segmentation net, trained after the model (default 250 at "
+        "256x144, about 3 minutes on 2 CPU cores; 2400 up to 64x64; 0: no seg head)",
     )
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from its checkpoint.pt")
     parser.add_argument("--dry-run", action="store_true", help="one tiny batch through every step (seconds)")
@@ -83,6 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any other config field (repeatable)"
     )
     parser.set_defaults(handler=run)
+
+
+def _size(value: str) -> str:
+    """--size as the config stores it, "WxH"; argparse reports a ValueError as a usage error."""
+    from contract.frames import frame_size
+
+    try:
+        return str(frame_size(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _coerce(value: str, annotation: Any, key: str) -> Any:
@@ -106,6 +127,9 @@ def _coerce(value: str, annotation: Any, key: str) -> Any:
 
 def build_config(config_cls: type, args: argparse.Namespace) -> Any:
     """The config dataclass from the flags given (others keep their defaults)."""
+    from contract.frames import frame_size
+    from training.budgets import size_budgets
+
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)  # resolves postponed (string) annotations
     values: dict[str, Any] = {}
@@ -125,8 +149,12 @@ def build_config(config_cls: type, args: argparse.Namespace) -> Any:
         if not sep or key not in fields:
             valid = ", ".join(sorted(fields))
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {valid}")
-        values[key] = _coerce(raw.strip(), hints[key], key)
-    return config_cls(**values)
+        # a size is "WxH" or a side, parsed like --size
+        values[key] = str(frame_size(raw.strip())) if key == "size" else _coerce(raw.strip(), hints[key], key)
+    # budgets follow the frame size where the user set none (64x64 keeps its measured budgets)
+    size = values.get("size", fields["size"].default)
+    budgets = {k: v for k, v in size_budgets(args.model, size).items() if k in fields}
+    return config_cls(**{**budgets, **values})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,10 +102,35 @@ def test_networks_map_between_latents_images_and_logits_at_every_size(size: int,
     assert feats[-1].shape[-1] == 4
 
 
-@pytest.mark.parametrize("size", [16, 48, 512, 64.0])
-def test_sizes_outside_32_to_256_powers_of_two_are_refused(size: object) -> None:
-    with pytest.raises(ValueError, match="power of two"):
-        Generator(size)  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (16, "each side must be in 32..512"),
+        (1024, "each side must be in 32..512"),
+        ("250x141", "divisible by 8"),
+        ("64x36", "divisible by 8"),  # 36 halves only twice
+        (64.0, "size must be N"),
+    ],
+)
+def test_sizes_the_networks_cannot_take_are_refused_with_the_reason(size: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Generator(size)
+
+
+@pytest.mark.parametrize(
+    ("size", "core"), [(64, (4, 4)), ("256x144", (9, 16)), ("48x32", (4, 6)), (48, (6, 6))]
+)
+def test_wide_frames_have_a_wide_core(size: object, core: tuple[int, int]) -> None:
+    from training.dcgan import DCGAN, core_size
+
+    assert core_size(size) == core
+    model = DCGAN(size, latent_dim=8, width=4).eval()
+    h, w = core[0] * 2 ** num_stages(size), core[1] * 2 ** num_stages(size)
+    with torch.no_grad():
+        fake = model.generator(torch.randn(2, 8))
+        assert fake.shape == (2, 3, h, w)
+        assert model.discriminator(fake).shape == (2,)
+        assert model.encoder(fake).shape == (2, 8)
 
 
 def test_spectral_norm_discriminator_has_no_batch_norm_and_unit_spectral_norm_weights() -> None:

@@ -74,7 +74,7 @@ def test_dry_run_from_the_command_line_writes_a_complete_run(synth_dir: Path, tm
     for plot in ("loss", "reconstructions", "samples", "tsne"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 0, plot
     config = json.loads((out / "config.json").read_text())
-    assert config["kind"] == "vae" and config["size"] == 32 and config["width"] == 8
+    assert config["kind"] == "vae" and config["size"] == "32x32" and config["width"] == 8
     assert config["data"] == [str(synth_dir)] and len(config["data_fingerprint"]) == 64
     assert config["versions"]["torch"].startswith("2.")
     assert len(runs.read_history(out)) == 1
@@ -154,6 +154,8 @@ def test_an_existing_run_is_not_overwritten_without_resume(
         (["--data", "{data}", "--set", "nonsense=1"], "KEY one of"),
         (["--data", "{data}", "--set", "latent_dim=abc"], "expected int"),
         (["--data", "{empty}"], "no frames found"),
+        (["--data", "{data}", "--size", "250x141"], "divisible by 8"),
+        (["--data", "{data}", "--size", "16x9"], "each side must be in 32..512"),
     ],
 )
 def test_user_errors_are_one_line_messages(
@@ -172,6 +174,52 @@ def test_gan_only_flags_are_refused_for_the_vae_and_vice_versa(
     code = main(["train", "gan", "--data", str(synth_dir), "--out", str(tmp_path / "g"), "--beta", "2"])
     assert code == 2
     assert "--beta does not apply" in capsys.readouterr().err
+
+
+def test_size_is_w_x_h_and_budgets_follow_it_where_not_given() -> None:
+    import argparse
+
+    from edgecase.commands.train import build_config
+    from training.gan_train import GANConfig
+
+    def config(*argv: str) -> VAEConfig:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        from edgecase.commands import train as train_command
+
+        train_command.register(sub)
+        return build_config(GANConfig if argv[1] == "gan" else VAEConfig, parser.parse_args(argv))
+
+    wide = config("train", "vae", "--out", "x", "--size", "256x144")
+    assert wide.size == "256x144" and wide.frame_size == (144, 256)
+    assert (wide.max_minutes, wide.seg_steps) == (VAEConfig().max_minutes, VAEConfig().seg_steps)
+    square = config("train", "gan", "--out", "x", "--size", "64")
+    assert square.size == "64x64"
+    assert (square.max_minutes, square.seg_steps, square.width) == (15.0, 2400, 32)  # 64x64's budgets
+    given = config("train", "gan", "--out", "x", "--size", "64", "--max-minutes", "2", "--set", "width=8")
+    assert (given.max_minutes, given.width) == (2.0, 8)  # what the user gives wins
+    assert config("train", "vae", "--out", "x", "--set", "size=128x72").size == "128x72"
+    from training.budgets import deferred_heads
+
+    assert deferred_heads("256x144") == ("vae-iwae",) and deferred_heads(64) == ()
+
+
+def test_a_gan_dry_run_at_a_wide_size_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "gan"
+    argv = ["train", "gan", "--dry-run", "--size", "48x32", "--width", "4", "--latent-dim", "8"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["size"], config["width"]) == ("48x32", 4)
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["state_dict"]["generator.net.0.weight"].shape[-2:] == (4, 6)  # the 4x6 core
+
+
+def test_old_configs_with_an_int_size_still_load(tmp_path: Path) -> None:
+    old = tiny_config(size=32)
+    assert old.size == "32x32"
+    assert VAEConfig.from_dict({"size": 64, "width": 4, "kind": "vae"}).size == "64x64"
+    assert runs.run_size({"size": 64}) == (64, 64)
+    assert runs.run_size({"size": "256x144"}) == (144, 256)
 
 
 def test_help_shows_an_example() -> None:

@@ -150,3 +150,33 @@ def test_repeated_loads_are_cached_copies_and_see_new_frames(tmp_path: Path) -> 
     assert np.array_equal(load_training_frames([folder], 32, seed=3).train, a.train)
     write_plain_folder(tmp_path / "frames" / "more", 5, seed=9)  # frames added: not served stale
     assert len(load_training_frames([folder], 32, seed=3).train) > len(a.train)
+
+
+@pytest.mark.parametrize(
+    ("source_hw", "size"),
+    [((72, 128), "64"), ((96, 128), "64"), ((96, 96), "64"), ((72, 128), "256x144"), ((96, 128), "48x32")],
+)
+def test_training_frames_keep_the_whole_frame_by_the_one_resize_rule(
+    tmp_path: Path, source_hw: tuple[int, int], size: str
+) -> None:
+    """16:9, 4:3 and square sources at square and wide model sizes: the trainer's arrays are exactly
+    contract's fit-pad rule (nothing cropped away, black bars where the aspects differ)."""
+    from contract.frames import RESIZE_RULE, encode_png, frame_size, resize_frame
+
+    h, w = source_hw
+    frame = np.zeros((h, w, 3), dtype=np.uint8)
+    frame[:, :4] = (255, 0, 0)  # left and right edges marked: a centre crop would cut them away
+    frame[:, -4:] = (0, 0, 255)
+    frame[:, 4:-4] = (90, 140, 220)
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}.png").write_bytes(encode_png(frame))
+    data = load_training_frames([folder], size)
+    target = frame_size(size)
+    assert data.train.shape[1:] == (target.height, target.width, 3)
+    np.testing.assert_array_equal(data.train[0], resize_frame(frame, target, RESIZE_RULE))
+    row = data.train[0][target.height // 2].astype(int)
+    content = np.flatnonzero(row.sum(axis=1) > 0)  # pillarbox bars are black
+    left, right = row[content[0]], row[content[-1]]
+    assert left[0] > left[2] and right[2] > right[0]  # both edges of the camera frame are still there

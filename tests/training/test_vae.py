@@ -62,11 +62,23 @@ def test_network_shapes_for_each_size(size: int) -> None:
     assert vae.depth == int(math.log2(size // 4))  # down to 4x4
 
 
-def test_sizes_outside_32_to_256_are_refused() -> None:
-    with pytest.raises(ValueError, match="32..256"):
+def test_sizes_the_network_cannot_take_are_refused() -> None:
+    with pytest.raises(ValueError, match="32..512"):
         VAE(size=16)
     with pytest.raises(ValueError, match="divisible"):
         VAE(size=48, depth=5)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        VAE(size="250x141")
+
+
+def test_a_wide_vae_keeps_the_frames_aspect_down_to_its_core() -> None:
+    vae = VAE(size="256x144", width=4, latent_dim=8).eval()
+    assert (vae.depth, vae.bottom) == (4, (9, 16))
+    assert vae.config()["size"] == "256x144"
+    with torch.no_grad():
+        recon, kl, mean = vae.elbo_terms(torch.zeros(2, 3, 144, 256), sample=False)
+    assert mean.shape == (2, 3, 144, 256) and recon.shape == kl.shape == (2,)
+    assert VAE(size=64, width=4, latent_dim=8).config()["size"] == 64  # square int runs rebuild as before
 
 
 @pytest.mark.parametrize("log_scale", [math.log(0.3), math.log(0.05), -6.0])

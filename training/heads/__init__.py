@@ -129,16 +129,19 @@ def calibrate_heads(
     normals: npt.NDArray[np.uint8],
     heads: list[str] | None = None,
     target_fpr: float = 0.01,
+    defer: tuple[str, ...] = (),
 ) -> dict[str, Calibration]:
     """Fit (where needed), build and calibrate every head of a run (or ``heads``) on held-out normals.
 
     With ``heads=None`` a head whose graph cannot be built for this run (e.g. a patch bank on a dry
     run without data sources) is skipped with a warning; heads named explicitly must all build.
-    Writes and returns the calibrations (``RUN_DIR/calibration/<head>.json``).
+    Writes and returns the calibrations (``RUN_DIR/calibration/<head>.json``). Heads in ``defer``
+    are left for ``evaluate`` and ``export`` to calibrate on demand.
     """
     from training.calibrate import calibrate_graph
 
     names = available_heads(run_dir) if heads is None else list(heads)
+    names = [h for h in names if h not in defer]
     if not names:
         raise ValueError(f"no score heads available for run {run_dir}")
     results: dict[str, Calibration] = {}
@@ -161,6 +164,7 @@ def fit_heads(
     heads: list[str] | None = None,
     calibrate: bool = True,
     check: bool = False,
+    defer: tuple[str, ...] = (),
 ) -> None:
     """The end of every training run: check the model heads, then fit and calibrate the heads.
 
@@ -170,7 +174,7 @@ def fit_heads(
     or returns the wrong shape fails loudly now rather than at export. With ``calibrate``, every
     head (or ``heads``) is fitted and calibrated (:func:`calibrate_heads`); a failure there is
     logged and the trained model kept (``evaluate`` and ``export`` fit and calibrate what is
-    missing).
+    missing; so are the heads in ``defer``, see training/budgets.py).
     """
     run_dir = Path(run_dir)
     if check:
@@ -184,6 +188,6 @@ def fit_heads(
     if not calibrate:
         return
     try:
-        calibrate_heads(run_dir, normals, heads)
+        calibrate_heads(run_dir, normals, heads, defer=defer)
     except Exception:  # the run is saved; heads are fitted and calibrated again on demand
         log.exception("fitting or calibrating the heads of %s failed; the trained model is kept", run_dir)

@@ -49,7 +49,7 @@ _STD_EPS = 1e-6
 def build_dcgan(config: dict[str, Any]) -> DCGAN:
     """The (untrained) DCGAN a resolved GAN config describes."""
     return DCGAN(
-        size=int(config["size"]),
+        size=config["size"],  # "WxH", or an int side in runs made before H x W sizes
         latent_dim=int(config["latent_dim"]),
         width=int(config["width"]),
         d_norm=str(config.get("d_norm", "batch")),

@@ -11,10 +11,11 @@ training signal (generic corruptions of normal frames; no edge-case family).
 - Reconstruction: the run's own network, frozen: the VAE decoded at the posterior mean, or the GAN's
   f-AnoGAN path G(E(x)). Both drop what normal training frames do not contain, so the pair
   (x, recon) shows a pasted object as a difference the network can localise.
-- The net and its training (blob corruptions, focal loss): training/seg_net.py.
-- Score graph: frames -> [-1, 1] -> (x, recon) -> U-Net logits -> ``SMOOTH`` x ``SMOOTH`` mean filter
-  (DRAEM's reduction: one confident pixel is noise, a coherent blob is a defect) -> anomaly map; score
-  = max of the map, in logits.
+- The net and its training (Perlin pseudo-anomalies on 64 px windows with coordinate channels, focal
+  loss): training/seg_net.py.
+- Score graph: frames -> [-1, 1] -> (x, recon, row/column planes) -> U-Net logits -> ``SMOOTH`` x
+  ``SMOOTH`` mean filter (DRAEM's reduction: one confident pixel is noise, a coherent blob is a
+  defect) -> anomaly map [N, H, W]; score = max of the map, in logits.
 - Held out: the protocol's rectangular patches and photometric corruptions (training/protocol.py)
   are *not* what this net trains on, so the protocol measures transfer, not memorisation.
 
@@ -43,7 +44,7 @@ from training.heads.base import HeadNotFitted, HeadSpec, HeadUnavailable
 from training.heads.gan import load_gan
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
-from training.runs import load_config, run_normals
+from training.runs import load_config, run_normals, run_size
 from training.seg_net import (
     BATCH,
     CLEAN_FRACTION,
@@ -53,13 +54,14 @@ from training.seg_net import (
     STEPS,
     WIDTH,
     SegNet,
+    coord_planes,
     train_seg_net,
 )
 
 log = logging.getLogger(__name__)
 
 SEG_FILE = "seg.pt"
-SEG_FORMAT_VERSION = 1
+SEG_FORMAT_VERSION = 2  # 2: coordinate channels and Perlin pseudo-anomalies
 SMOOTH = 3
 MAX_TRAIN_FRAMES = 4000
 MAX_EPOCHS = 25  # passes over the frames at most: a 16-frame test run trains in seconds
@@ -92,21 +94,29 @@ def load_reconstructor(run_dir: str | Path, kind: str) -> Reconstructor:
 
 
 class SegGraph(nn.Module):
-    """Score graph of ``<kind>-seg``: (max of the smoothed logit map [N], the map [N, H, W])."""
+    """Score graph of ``<kind>-seg``: (max of the smoothed logit map [N], the map [N, H, W]).
 
-    def __init__(self, reconstructor: Reconstructor, net: SegNet, smooth: int = SMOOTH) -> None:
+    The whole frame goes through the fully convolutional net with its full coordinate planes (a
+    constant of the graph built for the run's H x W, so the exported graph stays uint8 in).
+    """
+
+    def __init__(
+        self, reconstructor: Reconstructor, net: SegNet, size: tuple[int, int], smooth: int = SMOOTH
+    ) -> None:
         super().__init__()
         if smooth < 1 or smooth % 2 == 0:
             raise ValueError(f"smooth must be an odd number >= 1, got {smooth}")
         self.reconstructor = reconstructor
         self.net = net.eval()
         self.smooth = smooth
+        self.register_buffer("coords", coord_planes(int(size[0]), int(size[1])), persistent=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel logits [N, 1, H, W] of x in [-1, 1] (training and scoring share this)."""
+        """Per-pixel logits [N, 1, H, W] of whole frames x in [-1, 1]."""
         with torch.no_grad():
             recon = self.reconstructor(x)
-        return self.net(torch.cat([x, recon], dim=1))
+        coords = self.coords.expand(x.shape[0], -1, -1, -1)
+        return self.net(torch.cat([x, recon, coords], dim=1))
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(to_unit_range(frames))
@@ -148,6 +158,12 @@ def resolve_steps(config: dict[str, Any], n_frames: int) -> int:
     return max(1, min(steps, math.ceil(MAX_EPOCHS * n_frames / BATCH)))
 
 
+def _device(config: dict[str, Any]) -> torch.device:
+    """Where the seg net trains: the run's CUDA device when it trained on one and it is here, else CPU."""
+    resolved = str(config.get("resolved_device", "cpu"))
+    return torch.device(resolved if resolved.startswith("cuda") and torch.cuda.is_available() else "cpu")
+
+
 def _cache(run_dir: Path, width: int) -> Path:
     return run_dir / "banks" / (SEG_FILE if width == WIDTH else f"seg-w{width}.pt")
 
@@ -175,7 +191,8 @@ def load_seg_graph(run_dir: str | Path, kind: str, width: int = WIDTH) -> SegGra
         raise HeadNotFitted(f"{path}: stale (other settings or model), the net must be retrained")
     net = SegNet(width)
     net.load_state_dict(saved["state_dict"])
-    return SegGraph(load_reconstructor(run_dir, kind), net.eval(), wanted["smooth"]).eval()
+    size = run_size(load_config(run_dir))
+    return SegGraph(load_reconstructor(run_dir, kind), net.eval(), size, wanted["smooth"]).eval()
 
 
 def fit_seg_net(run_dir: str | Path, kind: str, width: int = WIDTH) -> None:
@@ -195,7 +212,9 @@ def fit_seg_net(run_dir: str | Path, kind: str, width: int = WIDTH) -> None:
     seed = int(config.get("seed", 0))
     start = time.perf_counter()
     log.info("%s-seg: training the segmentation net, %d steps on %d normal frames", kind, steps, len(frames))
-    net, losses = train_seg_net(reconstructor, frames, steps=steps, width=width, seed=seed)
+    net, losses = train_seg_net(
+        reconstructor, frames, steps=steps, width=width, seed=seed, device=_device(config)
+    )
     log.info(
         "%s-seg: trained in %.0f s, focal loss %.4f -> %.4f (first / last 50 steps)",
         kind,
@@ -228,7 +247,7 @@ def _seg_head(kind: str) -> HeadSpec:
         units="logit",
         definition="max over the frame of a smoothed per-pixel defect logit from a small U-Net that "
         f"sees the frame and its {'VAE' if kind == 'vae' else 'G(E(x))'} reconstruction, trained on "
-        "synthetic blob defects pasted into normal frames (DRAEM-style)",
+        "Perlin-noise defects filled with normal texture (DRAEM-style), with the pixel's position as input",
         has_map=True,
         build=lambda run_dir: load_seg_graph(run_dir, kind),
         fit=lambda run_dir: fit_seg_net(run_dir, kind),

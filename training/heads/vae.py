@@ -63,7 +63,7 @@ class _VAEHead(nn.Module):
         self.vae = vae.eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
-        self.dims = 3 * vae.size * vae.size
+        self.dims = 3 * vae.frame_size.pixels
 
     def recon_at_mean(
         self, frames: torch.Tensor
@@ -95,7 +95,7 @@ class ReconHead(_VAEHead):
         if reduce not in ("mean", "topk"):
             raise ValueError(f"reduce must be 'mean' or 'topk', got {reduce!r}")
         self.reduce = reduce
-        self.k = max(1, int(round(topk_fraction * vae.size * vae.size)))
+        self.k = max(1, int(round(topk_fraction * vae.frame_size.pixels)))
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, mean, _, _ = self.recon_at_mean(frames)
@@ -138,7 +138,7 @@ class ComplexityHead(ELBOHead):
 
     def __init__(self, vae: VAE):
         super().__init__(vae)
-        self.coder = ComplexityCoder(vae.size)
+        self.coder = ComplexityCoder(vae.frame_size)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         elbo, elbo_map = self.elbo_and_map(frames)
