@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.registry import make_session
 from training.heads import available_heads, build_score_graph, run_kind
 from training.onnx_graph import export_onnx
+from training.runs import run_size
 from training.variants import make_variant
 
 # "wall": time.perf_counter. "cpu": time.process_time, the CPU seconds this process used: on a machine
@@ -122,14 +123,14 @@ def bench_heads(
     work = [(run, head) for run in runs for head in available_heads(run) if heads is None or head in heads]
     with tempfile.TemporaryDirectory() as tmp:
         for run, head in tqdm(work, desc="heads", unit="head"):
-            size = int(json.loads((run / "config.json").read_text())["size"])
+            size = run_size(json.loads((run / "config.json").read_text()))
             graph = build_score_graph(run, head)
             path = Path(tmp) / f"{head}.onnx"
             names, _ = export_onnx(graph, path, size)
             sess = session(path, threads)
             rng = np.random.default_rng(0)
             for batch in batches:
-                frames = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                frames = rng.integers(0, 256, (batch, *size, 3), dtype=np.uint8)
                 tensor = torch.from_numpy(frames)
 
                 fps = side_by_side(
@@ -143,7 +144,7 @@ def bench_heads(
                     {
                         "kind": run_kind(run),
                         "head": head,
-                        "size": size,
+                        "size": str(size),
                         "batch": batch,
                         "torch_fps": fps["torch"],
                         "ort_fps": fps["ort"],
@@ -177,7 +178,7 @@ def bench_variants(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
-            size = int(json.loads((run / "config.json").read_text())["size"])
+            size = run_size(json.loads((run / "config.json").read_text()))
             labelled = load_labelled_frames(data, size, max_per_family=max_per_family) if data else None
             for head in [h for h in available_heads(run) if heads is None or h in heads]:
                 fp32 = Path(tmp) / f"{head}-fp32.onnx"
@@ -187,7 +188,7 @@ def bench_variants(
                     paths[variant] = Path(tmp) / f"{head}-{variant}.onnx"
                     make_variant(fp32, paths[variant], variant)  # type: ignore[arg-type]
                 sessions = {v: session(p, threads) for v, p in paths.items()}
-                frames = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                frames = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
                 runners = {v: ort_runner(sess, names, frames) for v, sess in sessions.items()}
                 fps = side_by_side(runners, batch, repeats, min_seconds, clock)
                 scores = {}
