@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     record = json.loads((Path(out) / "banks" / f"{HEAD}.json").read_text())
     print(f"{HEAD}: {len(record['components'])} components ({', '.join(record['components'])})")
-    print(f"rule {record['rule']} (protocol AUROC by rule: {record['pseudo_auroc_by_rule']})")
+    scores = record["pseudo_auroc_by_rule"]  # protocol scores: (AUROC + detection at 1%) / 2
+    print(f"rule {record['rule']} (protocol score by rule: {scores})")
     print(f"threshold {calibration.threshold:.4g} at FPR {args.target_fpr:g}, n={calibration.n} val normals")
     print(f"ensemble run written to {out}; next: edgecase evaluate {out} --data LABELLED")
     return 0

@@ -8,12 +8,14 @@ z-scores are combined in-graph by one rule (``max``, ``mean`` or ``top2``, train
 
 :func:`fit_combo` computes the statistics on half A of the validation normals and picks the rule by
 the validation protocol (training/protocol.py) on half B and its corrupted copies, both corruption
-sets together. A run's combo keeps all its components, even those whose own protocol AUROC is below
-0.5: a corruption the head does not react to says little about the real edge cases (fog, rain) it
+sets together, by the protocol score (the mean of AUROC and detection at the 1% threshold,
+``protocol.protocol_score``). A run's combo keeps all its components, even those whose own score is
+low: a corruption the head does not react to says little about the real edge cases (fog, rain) it
 was chosen for. The ensemble's combo (training/heads/ensemble.py) has nine candidates from two runs,
 many of them near-duplicates, so it also *selects* its components. The chosen rule and components,
-the statistics and the AUROCs are cached in ``RUN_DIR/banks/<kind>-combo.json``; :func:`load_combo`
-only reads them.
+the statistics and the protocol scores are cached in ``RUN_DIR/banks/<kind>-combo.json`` (under the
+keys ``pseudo_auroc_by_rule`` / ``..._by_component``, names kept for the file format);
+:func:`load_combo` only reads them.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def fit_combo(
             rule, kept, by_rule = select_components(normals_z, corrupted_z)
         heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1))[2]
         log.info(
-            "%s: rule %s over %s (protocol AUROC by rule %s)",
+            "%s: rule %s over %s (protocol score by rule %s)",
             label,
             rule,
             ", ".join(names[i] for i in kept),
