@@ -47,7 +47,6 @@ def write_labelled_folder(
     root: Path, size: int = 32, n_train: int = 48, n_val: int = 24, n_test: int = 16
 ) -> Path:
     """A synth-like folder: train/val normals, test normals plus ``fog`` and ``blob``; labels.csv."""
-    rows = []
     groups = [
         ("train", "normal", normal_frames(n_train, size, seed=10)),
         ("val", "normal", normal_frames(n_val, size, seed=11)),
@@ -55,6 +54,12 @@ def write_labelled_folder(
         ("test", "fog", edge_frames("fog", n_test, size, seed=13)),
         ("test", "blob", edge_frames("blob", n_test, size, seed=14)),
     ]
+    return write_groups(root, groups)
+
+
+def write_groups(root: Path, groups: list[tuple[str, str, np.ndarray]]) -> Path:
+    """Write ``(split, family, frames)`` groups as a synth-like PNG folder with labels.csv."""
+    rows = []
     for split, family, frames in groups:
         for i, frame in enumerate(frames):
             key = f"{split}/{family}/{family}_{i:06d}"

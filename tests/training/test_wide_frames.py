@@ -16,10 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from eval_helpers import write_groups  # noqa: E402
 from training_helpers import assert_parity  # noqa: E402
 
-from contract.frames import RESIZE_RULE, encode_png  # noqa: E402
-from contract.labels import LabelRow, write_labels  # noqa: E402
+from contract.frames import RESIZE_RULE  # noqa: E402
 
 # torch >= 2.9 flags the TorchScript exporter (dynamo=False) as deprecated; export chooses it on purpose
 pytestmark = [
@@ -51,22 +51,13 @@ def wide_frames(n: int, seed: int, *, object_px: int = 0) -> npt.NDArray[np.uint
 
 
 def write_wide_folder(root: Path) -> Path:
-    rows = []
     groups = [
         ("train", "normal", wide_frames(40, 1)),
         ("val", "normal", wide_frames(12, 2)),
         ("test", "normal", wide_frames(8, 3)),
         ("test", "blob", wide_frames(8, 4, object_px=8)),
     ]
-    for split, family, frames in groups:
-        for i, frame in enumerate(frames):
-            key = f"{split}/{family}/{family}_{i:06d}"
-            path = root / f"{key}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_png(frame))
-            rows.append(LabelRow(key, f"{key}.png", split, family, 0.0 if family == "normal" else 1.0))
-    write_labels(root, rows)
-    return root
+    return write_groups(root, groups)
 
 
 @pytest.fixture(scope="module")
