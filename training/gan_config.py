@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from contract.frames import RESIZE_RULE, FrameSize
+from contract.frames import RESIZE_RULE
 from training import runs
 from training.data import TrainingData, fingerprint_frames
-from training.shapes import check_size, parse_size, size_text
+from training.shapes import SizedConfig, check_size
 
 # Fields a --resume may change (budgets and where it runs); the rest come from the run's config.json.
 _RESUMABLE_FIELDS = (
@@ -33,7 +33,7 @@ DRY_RUN_FRAMES = 16  # train frames in a dry run (val gets 10% more, at least 1)
 
 
 @dataclass
-class GANConfig:
+class GANConfig(SizedConfig):
     """Hyper-parameters of ``edgecase train gan``; defaults: the 256x144 CPU budgets (training/budgets.py)."""
 
     size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
@@ -63,13 +63,6 @@ class GANConfig:
     max_frames: int | None = None  # cap on training frames per source (quick experiments)
     calibrate: bool = True  # calibrate every head on the val normals at the end
     seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
-
-    def __post_init__(self) -> None:
-        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
-
-    @property
-    def frame_size(self) -> FrameSize:
-        return parse_size(self.size)
 
     def stabilisers(self) -> frozenset[str]:
         """The parsed ``stabiliser`` spec ("spectral+r1" -> {"spectral", "r1"})."""

@@ -27,6 +27,20 @@ def size_text(value: Any) -> str:
     return str(parse_size(value))
 
 
+class SizedConfig:
+    """What both trainers' configs do with their ``size`` field: store it as ``"WxH"`` (an old int 64
+    reads as ``"64x64"``) and give it back parsed. A mixin for dataclasses with a ``size`` field."""
+
+    size: Any
+
+    def __post_init__(self) -> None:
+        self.size = size_text(self.size)
+
+    @property
+    def frame_size(self) -> FrameSize:
+        return parse_size(self.size)
+
+
 def max_stages(size: FrameSize) -> int:
     """Stride-2 stages that keep both sides integral and the core's shorter side >= MIN_CORE."""
     h, w, stages = size.height, size.width, 0

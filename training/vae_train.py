@@ -24,7 +24,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from contract.frames import RESIZE_RULE, FrameSize
+from contract.frames import RESIZE_RULE
 from training import runs
 from training.budgets import deferred_heads
 from training.data import (
@@ -35,7 +35,7 @@ from training.data import (
 from training.heads import fit_heads, model_heads
 from training.heads.vae import load_vae
 from training.pixels import to_unit_range
-from training.shapes import parse_size, size_text
+from training.shapes import SizedConfig
 from training.vae import VAE, VAEArch, nats_to_bits_per_dim
 from training.vae_plots import write_plots
 
@@ -45,7 +45,7 @@ DRY_RUN_FRAMES = 8
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(SizedConfig):
     """Everything that decides a VAE run; saved resolved in config.json and model.pt."""
 
     size: int | str = "256x144"  # "WxH" (an int: square); stored as "WxH"
@@ -65,13 +65,6 @@ class VAEConfig:
     num_workers: int = 0  # frames live in memory; kept for a common CLI with the GAN
     calibrate: bool = True  # calibrate every head on the val normals at the end
     seg_steps: int = 250  # steps of the <kind>-seg head's net (0: none); 256x144 budget, 2400 at 64x64
-
-    def __post_init__(self) -> None:
-        self.size = size_text(self.size)  # "64" and 64 (old configs) read as "64x64"
-
-    @property
-    def frame_size(self) -> FrameSize:
-        return parse_size(self.size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
