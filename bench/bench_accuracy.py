@@ -225,10 +225,19 @@ def target_check(results: list[Any]) -> list[str]:
                 f"- {f} above every baseline: {fam[f]['auroc']:.3f} vs best baseline {top:.3f} "
                 f"({mark(fam[f]['auroc'] > top)})"
             )
-    return lines + [""] + operating_point_check(best)
+    # Issue 12's targets are for the head the protocol builds, not the one the test split favours.
+    served = next((r for r in heads if r.name == SERVED_HEAD), best)
+    lines += ["", *operating_point_check(served)]
+    if served is not best:
+        lines.append(
+            f"- (`{best.name}` has the highest mean on the test split, {mean:.3f}: a choice made on the "
+            f"test frames, so the check above is for `{served.name}`, the head `edgecase ensemble` builds)"
+        )
+    return lines
 
 
 SMALL_OBJECTS = ("pedestrian", "animal", "construction")
+SERVED_HEAD = "ensemble-combo"  # what the validation protocol builds over a VAE and a GAN run
 
 
 def operating_point_check(best: Any) -> list[str]:
