@@ -35,11 +35,12 @@ from training.heads.patch import PATCH_HEADS
 from training.heads.seg import SEG_HEADS
 from training.heads.vae import VAE_HEADS
 from training.protocol import (
+    GROUPS,
     RULE_PREFERENCE,
     RULES,
     choose_rule,
     combine,
-    heldout_anomalies,
+    heldout_corruptions,
     select_components,
     validation_halves,
 )
@@ -47,7 +48,7 @@ from training.runs import load_config, run_normals
 
 log = logging.getLogger(__name__)
 
-COMBO_FORMAT_VERSION = 4
+COMBO_FORMAT_VERSION = 5  # 5: the protocol's corruption groups, exhaustive selection
 MAX_COMBO_VAL = 1000
 MIN_SELECT_VAL = 8
 
@@ -202,7 +203,7 @@ def fit_combo(
         half_a, half_b = val, val[:0]
     else:
         half_a, half_b, pseudo = validation_halves(val)
-        heldout = heldout_anomalies(half_b)
+        heldout, heldout_groups = heldout_corruptions(half_b)
         center, scale, z_b, z_p, z_h = [], [], [], [], []
         for name, graph in zip(names, graphs, strict=True):
             c, s = robust_stats(score_frames(graph, half_a, desc=f"combo stats {name}"))
@@ -214,10 +215,11 @@ def fit_combo(
         # Both corruption sets: a component trained on local pastes (the seg head) must not pick the
         # rule alone, and global changes (fog-like, but generic) count as much as local ones.
         normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
-        rule, by_rule, per_component = choose_rule(normals_z, corrupted_z)
+        groups = np.r_[np.full(len(pseudo), GROUPS[0]), heldout_groups]
+        rule, by_rule, per_component = choose_rule(normals_z, corrupted_z, groups)
         if select:
-            rule, kept, by_rule = select_components(normals_z, corrupted_z)
-        heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1))[2]
+            rule, kept, by_rule = select_components(normals_z, corrupted_z, groups)
+        heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1), heldout_groups)[2]
         log.info(
             "%s: rule %s over %s (protocol score by rule %s)",
             label,
