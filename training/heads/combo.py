@@ -8,12 +8,13 @@ z-scores are combined in-graph by one rule (``max``, ``mean`` or ``top2``, train
 
 :func:`fit_combo` computes the statistics on half A of the validation normals and picks the rule by
 the validation protocol (training/protocol.py) on half B and its corrupted copies, both corruption
-sets together, by the protocol score (the mean of AUROC and detection at the 1% threshold,
-``protocol.protocol_score``). A run's combo keeps all its components, even those whose own score is
-low: a corruption the head does not react to says little about the real edge cases (fog, rain) it
-was chosen for. The ensemble's combo (training/heads/ensemble.py) has nine candidates from two runs,
-many of them near-duplicates, so it also *selects* its components. The chosen rule and components,
-the statistics and the protocol scores are cached in ``RUN_DIR/banks/<kind>-combo.json`` (under the
+sets together, by the protocol score (the mean of AUROC and detection at the 1% threshold, averaged
+over the four corruption groups, ``protocol.protocol_score``; rules closer than their noise tie).
+A run's combo keeps all its components, even those whose own score is low: a corruption the head
+does not react to says little about the real edge cases (fog, rain) it was chosen for. The
+ensemble's combo (training/heads/ensemble.py) has nine candidates from two runs, many of them
+near-duplicates, so it also *selects* its components. The chosen rule and components, the
+statistics and the protocol scores are cached in ``RUN_DIR/banks/<kind>-combo.json`` (under the
 keys ``pseudo_auroc_by_rule`` / ``..._by_component``, names kept for the file format);
 :func:`load_combo` only reads them.
 """
