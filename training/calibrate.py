@@ -91,16 +91,21 @@ def _check_scores(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return values
 
 
+def threshold_of_sorted(values: npt.NDArray[np.float64], target_fpr: float) -> float:
+    """The calibration threshold of ascending ``values``: the smallest order statistic c_(k) with
+    k >= (1 - fpr) n, so at most n - k <= fpr * n scores exceed it (flag when ``score > threshold``)."""
+    # The epsilon keeps e.g. (1 - 0.01) * 100 = 99.00000000000001 from rounding up to k = 100.
+    k = max(1, math.ceil((1.0 - target_fpr) * values.size - 1e-9))
+    return float(values[k - 1])
+
+
 def calibrate_scores(scores: npt.ArrayLike, target_fpr: float = 0.01, head: str = "") -> Calibration:
     """Threshold at ``target_fpr`` (inverted-CDF quantile, flag when ``score > threshold``)."""
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
     values = np.sort(_check_scores(scores))
     n = values.size
-    # Smallest order statistic c_(k) with k >= (1 - fpr) n: at most n - k <= fpr * n scores exceed it.
-    # The epsilon keeps e.g. (1 - 0.01) * 100 = 99.00000000000001 from rounding up to k = 100.
-    k = max(1, math.ceil((1.0 - target_fpr) * n - 1e-9))
-    threshold = float(values[k - 1])
+    threshold = threshold_of_sorted(values, target_fpr)
     quantiles = quantiles_of(values)
     return Calibration(
         threshold=threshold,

@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from training.calibrate import calibrate_scores, score_frames
+from training.calibrate import calibrate_scores, score_frames, threshold_of_sorted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,8 +247,8 @@ def _group_index(groups: npt.ArrayLike | None, m: int) -> list[np.ndarray]:
 
 
 def _score(normal: np.ndarray, corrupted: np.ndarray, index: list[np.ndarray], target_fpr: float) -> float:
-    values = np.sort(normal)
-    threshold = values[max(1, int(np.ceil((1.0 - target_fpr) * len(values) - 1e-9))) - 1]
+    """:func:`protocol_score` on float arrays, groups given as index arrays (the bootstrap's inner loop)."""
+    threshold = threshold_of_sorted(np.sort(normal), target_fpr)
     per_group = [(_auroc(normal, corrupted[i]) + float(np.mean(corrupted[i] > threshold))) / 2 for i in index]
     return float(np.mean(per_group))
 
