@@ -329,6 +329,13 @@ def rule_score(
     return protocol_score(combine(z_normal, rule), combine(z_pseudo, rule), groups=groups)
 
 
+def component_scores(
+    z_normal: np.ndarray, z_pseudo: np.ndarray, groups: npt.ArrayLike | None = None
+) -> list[float]:
+    """Each component's own protocol score (of one column every rule gives the same score)."""
+    return [rule_score(z_normal[:, [i]], z_pseudo[:, [i]], "max", groups) for i in range(z_normal.shape[1])]
+
+
 def preferred(results: dict[str, tuple[float, int]], noise: dict[str, float] | None = None) -> str:
     """The rule to use given ``rule -> (protocol score, components)``: the best score, where rules
     whose gap to it is not :func:`beyond_noise` (``noise``: each rule's standard error of that gap;
@@ -363,7 +370,7 @@ def choose_rule(
     scores (:func:`protocol_score`, by ``groups`` of the corrupted frames when given)."""
     by_rule = {rule: rule_score(z_normal, z_pseudo, rule, groups) for rule in RULES}
     k = z_normal.shape[1]
-    per_component = [rule_score(z_normal[:, [i]], z_pseudo[:, [i]], "max", groups) for i in range(k)]
+    per_component = component_scores(z_normal, z_pseudo, groups)
     everything = list(range(k))
     noise = _rule_noise(z_normal, z_pseudo, {rule: (everything, rule) for rule in RULES}, by_rule, groups)
     best = preferred({rule: (score, k) for rule, score in by_rule.items()}, noise)
@@ -387,10 +394,10 @@ def select_components(
     by their own protocol scores, the best protocol score each rule reached).
     """
     k = z_normal.shape[1]
-    single = [rule_score(z_normal[:, [c]], z_pseudo[:, [c]], "max", groups) for c in range(k)]
+    single = component_scores(z_normal, z_pseudo, groups)
+    top_single = int(np.argmax(single))
     best: dict[str, tuple[float, list[int]]] = {}
     for rule in RULES:
-        top_single = int(np.argmax(single))
         best[rule] = (single[top_single], [top_single])  # one component: every rule is the same
         for size in range(2, min(k, max_components) + 1):
             for subset in itertools.combinations(range(k), size):
@@ -398,14 +405,11 @@ def select_components(
                 score = rule_score(z_normal[:, cols], z_pseudo[:, cols], rule, groups)
                 if score > best[rule][0]:
                     best[rule] = (score, cols)
-    top = max(RULES, key=lambda rule: best[rule][0])
-    top_draws = bootstrap_scores(z_normal, z_pseudo, (best[top][1], top), groups)
-    chosen = top
-    for rule in RULE_PREFERENCE:
-        if rule == top:
-            break
-        draws = bootstrap_scores(z_normal, z_pseudo, (best[rule][1], rule), groups)
-        if not beyond_noise(best[top][0] - best[rule][0], float((top_draws - draws).std(ddof=1))):
-            chosen = rule
-            break
-    return chosen, best[chosen][1], {rule: score for rule, (score, _) in best.items()}
+    scores = {rule: score for rule, (score, _) in best.items()}
+    noise = _rule_noise(
+        z_normal, z_pseudo, {rule: (cols, rule) for rule, (_, cols) in best.items()}, scores, groups
+    )
+    top = max(scores.values())
+    # The best rule itself is within its own noise (a gap of 0), so one is always found.
+    chosen = next(rule for rule in RULE_PREFERENCE if not beyond_noise(top - scores[rule], noise[rule]))
+    return chosen, best[chosen][1], scores

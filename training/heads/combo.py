@@ -41,6 +41,7 @@ from training.protocol import (
     RULES,
     choose_rule,
     combine,
+    component_scores,
     heldout_corruptions,
     select_components,
     validation_halves,
@@ -217,10 +218,12 @@ def fit_combo(
         # rule alone, and global changes (fog-like, but generic) count as much as local ones.
         normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
         groups = np.r_[np.full(len(pseudo), GROUPS[0]), heldout_groups]
-        rule, by_rule, per_component = choose_rule(normals_z, corrupted_z, groups)
         if select:
             rule, kept, by_rule = select_components(normals_z, corrupted_z, groups)
-        heldout_by_component = choose_rule(normals_z, np.stack(z_h, 1), heldout_groups)[2]
+            per_component = component_scores(normals_z, corrupted_z, groups)
+        else:
+            rule, by_rule, per_component = choose_rule(normals_z, corrupted_z, groups)
+        heldout_by_component = component_scores(normals_z, np.stack(z_h, 1), heldout_groups)
         log.info(
             "%s: rule %s over %s (protocol score by rule %s)",
             label,
