@@ -37,14 +37,12 @@ from training.ensemble import HEAD
 from training.heads.combo import MAX_COMBO_VAL, graphs_fingerprint, robust_stats
 from training.heads.ensemble import _candidates
 from training.protocol import (
-    GROUPS,
     PROTOCOL_FPR,
     RULES,
     combine,
-    heldout_corruptions,
+    protocol_frames,
     protocol_score,
     select_components,
-    validation_halves,
 )
 from training.runs import run_normals
 
@@ -61,17 +59,12 @@ def protocol_scores(ensemble_dir: Path, cache: Path) -> dict[str, np.ndarray]:
             if str(stored["fingerprint"]) == fingerprint:
                 return dict(stored)
     val = run_normals(ensemble_dir, split="val", limit=MAX_COMBO_VAL)
-    half_a, half_b, pseudo = validation_halves(val)
-    heldout, heldout_groups = heldout_corruptions(half_b)
-    out = {
-        "fingerprint": np.array(fingerprint),
-        "names": np.array(names),
-        "groups": np.r_[np.full(len(pseudo), GROUPS[0]), heldout_groups],
-    }
+    half_a, half_b, pseudo, heldout, groups = protocol_frames(val)
+    corrupted = np.r_[pseudo, heldout]
+    out = {"fingerprint": np.array(fingerprint), "names": np.array(names), "groups": groups}
     for name, graph in zip(names, graphs, strict=True):
         out[f"{name}|a"] = score_frames(graph, half_a, desc=f"half A {name}")
         out[f"{name}|b"] = score_frames(graph, half_b, desc=f"half B {name}")
-        corrupted = np.r_[pseudo, heldout]
         out[f"{name}|c"] = score_frames(graph, corrupted, desc=f"corrupted {name}")
     tmp = cache.with_name(f".{cache.name}.tmp.npz")
     np.savez(tmp, **out)

@@ -56,9 +56,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 RULES = ("max", "mean", "top2")
-# Protocol AUROCs closer than MIN_GAIN are a tie (at 500 validation normals the standard error of an
-# AUROC near 0.9 is about 0.01): a component must buy at least this much to join a selected combo, and
-# among rules within it of the best, the one with fewer components, then earlier here, is taken.
+# Protocol scores closer than MIN_GAIN are a tie whatever their bootstrap noise (beyond_noise): among
+# rules within it of the best, the one with fewer components, then earlier in RULE_PREFERENCE, is taken.
 MIN_GAIN = 0.005
 # A protocol-score difference smaller than NOISE_Z bootstrap standard errors of itself is a tie
 # (a one-sided test at about 2.5%); BOOTSTRAP_ROUNDS paired resamples estimate the standard error.
@@ -179,6 +178,22 @@ def validation_halves(
     order = np.random.default_rng(0).permutation(len(val))
     half_a, half_b = val[np.sort(order[: len(val) // 2])], val[np.sort(order[len(val) // 2 :])]
     return half_a, half_b, pseudo_anomalies(half_b, half_a, seed=1)
+
+
+def protocol_frames(
+    val: npt.NDArray[np.uint8],
+) -> tuple[
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.str_],
+]:
+    """Everything a combo is fitted on: (half A for statistics, half B's normals, its pasted patches,
+    its held-out corruptions, the group of each corrupted frame: patches first, then held-out)."""
+    half_a, half_b, pseudo = validation_halves(val)
+    heldout, heldout_groups = heldout_corruptions(half_b)
+    return half_a, half_b, pseudo, heldout, np.r_[np.full(len(pseudo), GROUPS[0]), heldout_groups]
 
 
 def pseudo_auroc(

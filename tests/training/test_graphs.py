@@ -371,7 +371,7 @@ def test_rules_within_the_noise_of_the_best_tie_and_the_tie_goes_to_fewer_compon
     assert preferred({"max": (0.950, 2), "mean": (0.940, 2), "top2": (0.900, 2)}, {"mean": 0.01}) == "mean"
 
 
-def test_selection_keeps_complementary_heads_and_drops_duplicates_and_noise() -> None:
+def test_selection_keeps_complementary_heads_by_max_and_drops_noise() -> None:
     rng = np.random.default_rng(1)
     normal, pseudo = rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4))
     pseudo[:500, 0] += 4  # heads 0 and 1 each see half of the anomalies

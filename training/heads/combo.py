@@ -36,15 +36,13 @@ from training.heads.patch import PATCH_HEADS
 from training.heads.seg import SEG_HEADS
 from training.heads.vae import VAE_HEADS
 from training.protocol import (
-    GROUPS,
     RULE_PREFERENCE,
     RULES,
     choose_rule,
     combine,
     component_scores,
-    heldout_corruptions,
+    protocol_frames,
     select_components,
-    validation_halves,
 )
 from training.runs import load_config, run_normals
 
@@ -204,8 +202,7 @@ def fit_combo(
         per_component = heldout_by_component = [float("nan")] * len(names)
         half_a, half_b = val, val[:0]
     else:
-        half_a, half_b, pseudo = validation_halves(val)
-        heldout, heldout_groups = heldout_corruptions(half_b)
+        half_a, half_b, pseudo, heldout, groups = protocol_frames(val)
         center, scale, z_b, z_p, z_h = [], [], [], [], []
         for name, graph in zip(names, graphs, strict=True):
             c, s = robust_stats(score_frames(graph, half_a, desc=f"combo stats {name}"))
@@ -217,13 +214,12 @@ def fit_combo(
         # Both corruption sets: a component trained on local pastes (the seg head) must not pick the
         # rule alone, and global changes (fog-like, but generic) count as much as local ones.
         normals_z, corrupted_z = np.stack(z_b, 1), np.r_[np.stack(z_p, 1), np.stack(z_h, 1)]
-        groups = np.r_[np.full(len(pseudo), GROUPS[0]), heldout_groups]
         if select:
             rule, kept, by_rule = select_components(normals_z, corrupted_z, groups)
             per_component = component_scores(normals_z, corrupted_z, groups)
         else:
             rule, by_rule, per_component = choose_rule(normals_z, corrupted_z, groups)
-        heldout_by_component = component_scores(normals_z, np.stack(z_h, 1), heldout_groups)
+        heldout_by_component = component_scores(normals_z, np.stack(z_h, 1), groups[len(pseudo) :])
         log.info(
             "%s: rule %s over %s (protocol score by rule %s)",
             label,
